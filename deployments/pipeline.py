@@ -1,0 +1,125 @@
+"""One diffusers text-to-image pipeline, driven step slice by step slice.
+
+A slice is one self-contained pipeline call. With an Euler scheduler a run stopped after step K
+(through `callback_on_step_end`) resumes exactly by calling the pipeline again with the remaining
+timesteps and the saved latents divided by that schedule's `init_noise_sigma` (the pipeline
+multiplies them back). Schedulers that cannot resume this way run each job in one slice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+from deployments.settings import WorkerSettings
+from scheduling.work import GenerationParams, WorkItem
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+@dataclass(frozen=True)
+class SliceOutput:
+    step: int
+    total_steps: int
+    latents: np.ndarray | None = None
+    png: bytes | None = None
+
+
+class DiffusionRunner:
+    def __init__(self, settings: WorkerSettings) -> None:
+        if not settings.model:
+            raise ValueError("SEIDRA_MODEL is not set: give a diffusers model folder or hub id")
+        self.model = settings.model
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        if self.device == "cpu" and settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.pipeline = DiffusionPipeline.from_pretrained(settings.model, dtype=self.dtype).to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.resumable = self._use_euler_scheduler()
+        # One pipeline holds one scheduler state: calls must not overlap.
+        self._lock = threading.Lock()
+        logger.info("Loaded %s on %s (%s), resumable=%s", self.model, self.device, self.dtype, self.resumable)
+
+    def _use_euler_scheduler(self) -> bool:
+        scheduler = self.pipeline.scheduler
+        if isinstance(scheduler, EulerDiscreteScheduler):
+            return True
+        if EulerDiscreteScheduler in getattr(scheduler, "compatibles", []):
+            self.pipeline.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+            return True
+        return False
+
+    def _schedule(self, **kwargs: Any) -> EulerDiscreteScheduler:
+        scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(**kwargs)
+        return scheduler
+
+    def advance(self, item: WorkItem) -> SliceOutput:
+        """Run up to `item.max_steps` denoising steps; decode and encode a PNG on the last one."""
+        params = item.params
+        total = params.num_inference_steps
+        if not self.resumable and item.step:
+            raise ValueError(f"{self.model} cannot resume a job at step {item.step}")
+        stop = total if not self.resumable or item.max_steps == 0 else min(total, item.step + item.max_steps)
+        kwargs = self._call_arguments(params)
+        if item.step:
+            remaining = self._schedule(num_inference_steps=total).timesteps[item.step :].tolist()
+            init_sigma = self._schedule(timesteps=remaining).init_noise_sigma
+            kwargs["timesteps"] = remaining
+            kwargs["latents"] = torch.from_numpy(item.latents).to(self.device, self.dtype) / init_sigma
+        else:
+            kwargs["num_inference_steps"] = total
+        if stop < total:
+            kwargs["output_type"] = "latent"
+            kwargs["callback_on_step_end"] = _stop_after(stop - item.step)
+        with self._lock, torch.inference_mode():
+            output = self.pipeline(**kwargs).images
+        if stop < total:
+            return SliceOutput(step=stop, total_steps=total, latents=output.float().cpu().numpy())
+        return SliceOutput(step=total, total_steps=total, png=_png(output[0]))
+
+    def _call_arguments(self, params: GenerationParams) -> dict[str, Any]:
+        return {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "width": params.width,
+            "height": params.height,
+            "guidance_scale": params.guidance_scale,
+            # Seeded on the CPU so a seed gives the same image whatever the device.
+            "generator": torch.Generator("cpu").manual_seed(params.seed),
+        }
+
+
+def _stop_after(steps: int):  # type: ignore[no-untyped-def]
+    def callback(pipeline: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if index + 1 >= steps:
+            pipeline._interrupt = True  # the pipelines' own flag: remaining steps are skipped
+        return callback_kwargs
+
+    return callback
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,23 @@
+"""Worker settings, read from `SEIDRA_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEIDRA_", extra="ignore", protected_namespaces=())
+
+    model: str = Field("", description="diffusers model: a local folder or a hub id (e.g. stabilityai/sd-turbo).")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved by each worker replica (1 on GPU clusters).")
+    worker_num_cpus: float = Field(1, ge=0, description="CPUs reserved by each worker replica.")
+    num_workers: int = Field(1, ge=1, description="Worker replicas.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica on CPU; 0 keeps torch's default.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="How often a replica reports to the router.")

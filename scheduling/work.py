@@ -1,0 +1,49 @@
+"""What travels between the router and a worker: a job's resumable state, and a worker's answer.
+
+Latents are NumPy arrays rather than tensors so that the router can hold them without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Advance `job_id` from denoising step `step` by at most `max_steps` steps (0: to the end)."""
+
+    job_id: str
+    params: GenerationParams
+    step: int = 0
+    latents: np.ndarray | None = None
+    max_steps: int = 0
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    job_id: str
+    replica_id: str
+    step: int
+    total_steps: int
+    duration_s: float
+    # Set while the job is unfinished; the router hands them back in the next WorkItem.
+    latents: np.ndarray | None = None
+    # Set once the image is in the object store.
+    object_key: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.object_key is not None

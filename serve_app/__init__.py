@@ -1,0 +1,1 @@
+"""The HTTP API (a FastAPI ingress deployment), the Serve application builder and the CLI."""

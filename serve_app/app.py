@@ -1,0 +1,171 @@
+"""The Serve application: a FastAPI ingress in front of the router actor and the worker deployment.
+
+No `from __future__ import annotations` here: FastAPI must see real types on the route signatures
+that `serve.ingress` rewrites.
+"""
+
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from deployments.settings import WorkerSettings
+from scheduling.job_queue import QueueFullError
+from scheduling.lanes import Lane
+from scheduling.router import get_or_create_router
+from serve_app.schemas import LIMITS, BatchAccepted, BatchRequest, GenerationRequest, JobView
+from storage.job_status import IllegalTransition, JobStatus
+from storage.jobs import JobNotFound, JobStore, as_utc
+from storage.models import GenerationJob
+from storage.object_store import ObjectNotFound, open_object_store
+from storage.settings import StorageSettings
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "seidra"
+T = TypeVar("T")
+
+api = FastAPI(title="SEIDRA", description="Text-to-image generation on Ray Serve", version="0.1.0")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 body, plus one line that names each offending field."""
+    errors = jsonable_encoder(error.errors())
+    message = "; ".join(f"{'.'.join(str(part) for part in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors)
+    return JSONResponse(status_code=422, content={"detail": errors, "message": message})
+
+
+async def _router_call(call: Awaitable[T]) -> T:
+    """Turn the router's refusals into HTTP errors."""
+    try:
+        return await call
+    except RayTaskError as error:
+        cause = error.cause
+        if isinstance(cause, QueueFullError):
+            raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
+        if isinstance(cause, IllegalTransition):
+            raise HTTPException(409, str(cause)) from None
+        if isinstance(cause, JobNotFound):
+            raise HTTPException(404, str(cause)) from None
+        raise
+    except RayActorError:
+        raise HTTPException(503, "the router is restarting; try again shortly", headers={"Retry-After": "5"}) from None
+
+
+@serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class SeidraAPI:
+    def __init__(self, worker: DeploymentHandle) -> None:
+        storage = StorageSettings()
+        self._jobs = JobStore(storage.database_url)
+        self._store = open_object_store(storage)
+        self._router = get_or_create_router(worker)
+
+    def _view(self, job: GenerationJob | dict[str, Any]) -> JobView:
+        fields = job if isinstance(job, dict) else job.model_dump()
+        image_url = None
+        if fields["status"] == JobStatus.COMPLETED.value and fields["result_key"]:
+            image_url = self._image_url(fields["id"], fields["result_key"])
+        times = {name: as_utc(fields[name]) for name in ("created_at", "updated_at", "started_at", "finished_at")}
+        return JobView(**{**fields, **times, "metadata": fields["meta"], "image_url": image_url})
+
+    def _image_url(self, job_id: uuid.UUID, key: str) -> str:
+        location = self._store.location(key)
+        return location if location.startswith("http") else f"/jobs/{job_id}/image"
+
+    async def _get(self, job_id: uuid.UUID) -> GenerationJob:
+        try:
+            return await asyncio.to_thread(self._jobs.get, job_id)
+        except JobNotFound as error:
+            raise HTTPException(404, str(error)) from None
+
+    @api.post("/generation/single", status_code=202, response_model=JobView)
+    async def generate(self, request: GenerationRequest, response: Response, wait: bool = False) -> JobView:
+        [job] = await _router_call(self._router.submit.remote([request.to_job_fields()]))
+        if not wait:
+            return self._view(job)
+        final = await _router_call(self._router.wait.remote(str(job["id"]), LIMITS.wait_timeout_s))
+        if JobStatus(final).is_terminal:
+            response.status_code = 200
+        return self._view(await self._get(job["id"]))
+
+    @api.post("/generation/batch", status_code=202, response_model=BatchAccepted)
+    async def generate_batch(self, request: BatchRequest) -> BatchAccepted:
+        batch_id = uuid.uuid4()
+        jobs = await _router_call(self._router.submit.remote(request.to_job_fields(), str(batch_id)))
+        views = [self._view(job) for job in jobs]
+        return BatchAccepted(batch_id=batch_id, job_ids=[view.id for view in views], jobs=views)
+
+    @api.get("/jobs/{job_id}", response_model=JobView)
+    async def get_job(self, job_id: uuid.UUID) -> JobView:
+        return self._view(await self._get(job_id))
+
+    @api.get("/jobs", response_model=list[JobView])
+    async def list_jobs(
+        self,
+        status: JobStatus | None = None,
+        lane: Lane | None = None,
+        batch_id: uuid.UUID | None = None,
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> list[JobView]:
+        jobs = await asyncio.to_thread(
+            self._jobs.list, status=status, lane=lane.value if lane else None, batch_id=batch_id, limit=limit
+        )
+        return [self._view(job) for job in jobs]
+
+    @api.get("/jobs/{job_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def get_image(self, job_id: uuid.UUID) -> Response:
+        job = await self._get(job_id)
+        if job.status != JobStatus.COMPLETED.value or not job.result_key:
+            raise HTTPException(409, f"job {job_id} is {job.status}; it has no image yet")
+        try:
+            data = await asyncio.to_thread(self._store.get, job.result_key)
+        except ObjectNotFound:
+            raise HTTPException(404, f"the image of job {job_id} is no longer in the object store") from None
+        return Response(content=data, media_type="image/png")
+
+    @api.delete("/jobs/{job_id}", response_model=JobView)
+    async def cancel_job(self, job_id: uuid.UUID) -> JobView:
+        await self._get(job_id)
+        return self._view(await _router_call(self._router.cancel.remote(str(job_id))))
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/status")
+    async def status(self) -> dict[str, Any]:
+        router = await _router_call(self._router.status.remote())
+        return {**router, "jobs": await asyncio.to_thread(self._jobs.count_by_status)}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for `serve run serve_app.app:build_app` and `seidra up`.
+
+    Settings come from `SEIDRA_*` environment variables (put them in the runtime_env); `args`
+    are accepted for Serve's builder protocol and must be empty.
+    """
+    if args:
+        raise ValueError(f"build_app takes its settings from SEIDRA_* environment variables, not args: {sorted(args)}")
+    from deployments.worker import DiffusionWorker
+
+    worker = WorkerSettings()
+    if not worker.model:
+        raise ValueError("SEIDRA_MODEL is not set: give a diffusers model folder or hub id")
+    workers = DiffusionWorker.options(
+        num_replicas=worker.num_workers,
+        ray_actor_options={"num_gpus": worker.num_gpus, "num_cpus": worker.worker_num_cpus},
+    ).bind()
+    return SeidraAPI.bind(workers)

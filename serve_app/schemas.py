@@ -1,0 +1,106 @@
+"""Request and response bodies. Bounds come from `ApiSettings`, read once at import."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from scheduling.lanes import DEFAULT_BATCH_PRIORITY, DEFAULT_REALTIME_PRIORITY, parse_priority
+from serve_app.settings import ApiSettings
+
+LIMITS = ApiSettings()
+MAX_SEED = 2**63 - 1
+
+
+class GenerationFields(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    prompt: str = Field(min_length=1, max_length=LIMITS.max_prompt_chars)
+    negative_prompt: str | None = Field(None, max_length=LIMITS.max_prompt_chars)
+    width: int = Field(LIMITS.default_image_size, ge=LIMITS.min_image_size, le=LIMITS.max_image_size)
+    height: int = Field(LIMITS.default_image_size, ge=LIMITS.min_image_size, le=LIMITS.max_image_size)
+    num_inference_steps: int = Field(LIMITS.default_inference_steps, ge=1, le=LIMITS.max_inference_steps)
+    guidance_scale: float = Field(LIMITS.default_guidance_scale, ge=0, le=LIMITS.max_guidance_scale)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    priority: int | str | None = Field(None, description="0-9, or high (0), normal (2), low (8).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_priority(value)
+
+    def to_job_fields(self, default_priority: int) -> dict[str, Any]:
+        """What the router stores; a missing seed is drawn here so every job can be reproduced."""
+        fields = self.model_dump()
+        fields["priority"] = default_priority if self.priority is None else self.priority
+        if fields["seed"] is None:
+            fields["seed"] = secrets.randbelow(2**31)
+        return fields
+
+
+class GenerationRequest(GenerationFields):
+    def to_job_fields(self, default_priority: int = DEFAULT_REALTIME_PRIORITY) -> dict[str, Any]:
+        return super().to_job_fields(default_priority)
+
+
+class BatchRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    items: list[GenerationFields] = Field(min_length=1, max_length=LIMITS.max_batch_items)
+    priority: int | str = Field(DEFAULT_BATCH_PRIORITY, description="Default for items without their own.")
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: int | str) -> int:
+        return parse_priority(value)
+
+    def to_job_fields(self) -> list[dict[str, Any]]:
+        return [item.to_job_fields(self.priority) for item in self.items]  # type: ignore[arg-type]
+
+
+class JobView(BaseModel):
+    id: uuid.UUID
+    status: str
+    lane: str
+    priority: int
+    batch_id: uuid.UUID | None
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    metadata: dict[str, Any]
+    error: str | None
+    attempts: int
+    result_key: str | None
+    image_url: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class BatchAccepted(BaseModel):
+    batch_id: uuid.UUID
+    job_ids: list[uuid.UUID]
+    jobs: list[JobView]

@@ -1,0 +1,1 @@
+"""Jobs and notifications in SQL (sqlmodel), images in an object store (MinIO/S3 or a folder)."""

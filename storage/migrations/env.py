@@ -1,0 +1,23 @@
+"""Alembic environment: runs against the URL given by `storage.database.upgrade`."""
+
+from alembic import context
+
+import storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from sqlmodel import SQLModel
+from storage.database import get_engine
+
+target_metadata = SQLModel.metadata
+
+
+def run_migrations_online() -> None:
+    url = context.config.get_main_option("sqlalchemy.url")
+    with get_engine(url).connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline migrations are not supported: run `seidra db upgrade` against a database")
+run_migrations_online()
