@@ -14,6 +14,7 @@ Environment overrides (use an already running service instead):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pwd
@@ -42,6 +43,8 @@ PG_READY_TIMEOUT_S = 30.0
 S3_READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 LOG_TAIL_CHARS = 4000
+# A fixed superuser name keeps the URL independent of who runs the tests.
+PG_SUPERUSER = "postgres"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -146,8 +149,8 @@ def wait_until(
     deadline_s: float,
     what: str,
     log: Path,
-) -> float:
-    """Poll `ready` until it returns True; return the seconds it took."""
+) -> None:
+    """Poll `ready` until it returns True, failing early if `proc` dies."""
     started = time.monotonic()
     while True:
         if proc.poll() is not None:
@@ -155,7 +158,7 @@ def wait_until(
                 f"{what} exited with code {proc.returncode} during start-up; log tail:\n{log_tail(log)}"
             )
         if ready():
-            return time.monotonic() - started
+            return
         if time.monotonic() - started > deadline_s:
             raise ServerStartError(f"{what} not ready after {deadline_s:.0f}s; log tail:\n{log_tail(log)}")
         time.sleep(0.1)
@@ -279,13 +282,12 @@ def postgres_server() -> Iterator[str]:
 
     bindir = find_postgres_bindir()
     account = postgres_account()
-    superuser = account.pw_name if account else pwd.getpwuid(os.geteuid()).pw_name
     with ExitStack() as stack:
         tmp = _make_tmpdir("seidra-pg-", account)
         # Registered first so it runs last, after the server is gone.
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         datadir, log = tmp / "data", tmp / "postgres.log"
-        _initdb(bindir, datadir, superuser, account, log)
+        _initdb(bindir, datadir, PG_SUPERUSER, account, log)
 
         out = stack.enter_context(log.open("ab"))
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -294,14 +296,14 @@ def postgres_server() -> Iterator[str]:
             # SIGINT is postgres's "fast" shutdown: abort sessions, exit cleanly.
             stack.callback(stop_process_group, proc, signal.SIGINT)
             try:
-                wait_until(lambda: _pg_accepts(port, superuser), proc, PG_READY_TIMEOUT_S, "postgres", log)
+                wait_until(functools.partial(_pg_accepts, port, PG_SUPERUSER), proc, PG_READY_TIMEOUT_S, "postgres", log)
                 break
             except ServerStartError:
                 # An early exit is most likely a lost race for the port.
                 if proc.poll() is None or attempt == START_ATTEMPTS:
                     raise
-        _create_database(port, superuser, "seidra")
-        yield f"postgresql+psycopg://{superuser}@{LOCALHOST}:{port}/seidra"
+        _create_database(port, PG_SUPERUSER, "seidra")
+        yield f"postgresql+psycopg://{PG_SUPERUSER}@{LOCALHOST}:{port}/seidra"
 
 
 # --------------------------------------------------------------------------- #
@@ -470,7 +472,7 @@ def s3_server() -> Iterator[S3Server]:
             stack.callback(stop_process_group, proc, signal.SIGTERM)
             server = S3Server(f"{LOCALHOST}:{ports['s3.port']}", access_key, secret_key)
             try:
-                wait_until(lambda: _s3_answers(server), proc, S3_READY_TIMEOUT_S, "weed mini", log)
+                wait_until(functools.partial(_s3_answers, server), proc, S3_READY_TIMEOUT_S, "weed mini", log)
                 break
             except ServerStartError:
                 # An early exit is most likely a lost race for one of the ports;

@@ -1,0 +1,292 @@
+"""`seidra`: bring the application up and down, submit prompts, list jobs.
+
+User mistakes and unreachable services end in one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+class CliError(Exception):
+    pass
+
+
+# ----- talking to the API -----
+
+
+def api_url(explicit: str | None) -> str:
+    from serve_app.cluster import UpState
+
+    if explicit:
+        return explicit.rstrip("/")
+    if os.environ.get("SEIDRA_API_URL"):
+        return os.environ["SEIDRA_API_URL"].rstrip("/")
+    state = UpState.load()
+    return state.url if state else DEFAULT_URL
+
+
+def request(method: str, url: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = httpx.request(method, f"{url}{path}", timeout=kwargs.pop("timeout", 30), **kwargs)
+    except httpx.HTTPError as error:
+        raise CliError(f"SEIDRA is not reachable at {url} ({error}); start it with `seidra up`") from None
+    if response.status_code >= 400:
+        raise CliError(f"{method} {path} failed with HTTP {response.status_code}: {_error_text(response)}")
+    return response.json()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(body.get("message") or body.get("detail") or body)
+
+
+# ----- commands -----
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from deployments.settings import WorkerSettings
+    from serve_app.cluster import ClusterError, UpState, deploy, start_head, stop_head
+    from storage.database import upgrade
+    from storage.settings import StorageSettings, seidra_home
+
+    if not WorkerSettings().model:
+        raise CliError("SEIDRA_MODEL is not set: export SEIDRA_MODEL=<model folder or hub id> "
+                       "(for a quick try: seidra make-tiny-model DIR, then SEIDRA_MODEL=DIR)")  # fmt: skip
+    previous = UpState.load()
+    if previous is not None:
+        raise CliError(f"SEIDRA is already up at {previous.url} (state in {UpState.path()}); run `seidra down` first")
+    upgrade(StorageSettings().database_url)
+    head_pid = None
+    address = args.address
+    if address is None:
+        print(f"Starting a local Ray head (GCS port {args.gcs_port}, dashboard 127.0.0.1:{args.dashboard_port})...")
+        head_pid = start_head(args.gcs_port, args.dashboard_port, args.num_cpus, seidra_home() / "run" / "ray-head.log")
+        address = f"127.0.0.1:{args.gcs_port}"
+    try:
+        print(f"Deploying the Serve application on {address}...")
+        url = deploy(address, args.http_host, args.http_port)
+    except BaseException:
+        if head_pid is not None:
+            stop_head(head_pid)
+        raise
+    dashboard = f"http://127.0.0.1:{args.dashboard_port}" if head_pid else None
+    UpState(url=url, address=address, dashboard_url=dashboard, head_pid=head_pid).save()
+    print(f"SEIDRA is up: {url}")
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}   (ray job submit --address {dashboard} ...)")
+
+
+def cmd_down(_args: argparse.Namespace) -> None:
+    from serve_app.cluster import UpState, stop_head, undeploy
+
+    state = UpState.load()
+    if state is None:
+        raise CliError(f"nothing to stop: no `seidra up` state in {UpState.path()}")
+    try:
+        undeploy(state.address)
+    except Exception as error:  # the cluster may already be gone; the head is still ours to stop
+        print(f"warning: could not delete the application cleanly: {error}", file=sys.stderr)
+    if state.head_pid is not None:
+        stop_head(state.head_pid)
+    UpState.forget()
+    print("SEIDRA is down" + (" (Ray head stopped)" if state.head_pid else " (the Ray cluster keeps running)"))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    url = api_url(args.url)
+    status = request("GET", url, "/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"SEIDRA at {url}")
+    print("queues:  " + ", ".join(f"{lane} {depth}" for lane, depth in status["queues"].items()))
+    print(f"running: {status['running']} of {status['capacity']} worker slot(s)")
+    print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
+    for worker in status["workers"]:
+        print(f"worker {worker['replica_id']}: {worker.get('model')} on {worker.get('device')} "
+              f"({worker.get('dtype')}), {worker['slots']} slot(s), seen {worker['seen_s_ago']} s ago")  # fmt: skip
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    url = api_url(args.url)
+    item = {
+        key: value
+        for key, value in {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "width": args.width,
+            "height": args.height,
+            "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "seed": args.seed,
+            "priority": args.priority,
+        }.items()
+        if value is not None
+    }
+    if args.batch:
+        job = request("POST", url, "/generation/batch", json={"items": [item]})["jobs"][0]
+    else:
+        job = request("POST", url, "/generation/single", json=item)
+    if args.wait:
+        job = wait_for_job(url, str(job["id"]), args.timeout)
+    print(json.dumps(job, indent=2) if args.json else job_line(job))
+    if args.wait and job["status"] != "completed":
+        raise CliError(f"job {job['id']} ended {job['status']}: {job.get('error') or 'no error recorded'}")
+
+
+def wait_for_job(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = request("GET", url, f"/jobs/{job_id}")
+        if job["status"] in TERMINAL_STATUSES:
+            return job
+        if time.monotonic() > deadline:
+            raise CliError(f"job {job_id} is still {job['status']} after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def job_line(job: dict[str, Any]) -> str:
+    return f"{job['id']}  {job['status']:<9}  {job['lane']:<8}  p{job['priority']}  {job.get('image_url') or ''}"
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    params = {"limit": args.limit, **{k: v for k, v in (("status", args.status), ("lane", args.lane)) if v}}
+    jobs = request("GET", api_url(args.url), "/jobs", params=params)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return
+    print(format_jobs_table(jobs))
+
+
+def format_jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
+    from datetime import datetime
+
+    def seconds(job: dict[str, Any]) -> str:
+        if not (job.get("started_at") and job.get("finished_at")):
+            return "-"
+        started, finished = (datetime.fromisoformat(job[key]) for key in ("started_at", "finished_at"))
+        return f"{(finished - started).total_seconds():.2f}"
+
+    rows = [("id", "lane", "priority", "status", "seconds", "image")]
+    rows += [(str(j["id"]), j["lane"], str(j["priority"]), j["status"], seconds(j), j.get("image_url") or "-") for j in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> None:
+    from deployments.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(args.dir)
+    print(f"Wrote a tiny random-weight pipeline to {folder} (its images are noise).")
+    print(f"Use it with: export SEIDRA_MODEL={folder}")
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> None:
+    from storage.database import current_revision, upgrade
+    from storage.settings import StorageSettings
+
+    url = StorageSettings().database_url
+    upgrade(url)
+    print(f"Database schema at revision {current_revision(url)}")
+
+
+# ----- argument parsing -----
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seidra", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    up = command("up", cmd_up, "Start a local Ray head (or join one) and deploy the application.")
+    up.add_argument("--address", help="Join this running Ray cluster (host:port) instead of starting a head.")
+    up.add_argument("--http-port", type=_port, default=8000, help="Serve HTTP port (default 8000).")
+    up.add_argument("--http-host", default="127.0.0.1", help="Serve HTTP bind address (default 127.0.0.1).")
+    up.add_argument("--gcs-port", type=_port, default=6379, help="GCS port of a head started here (default 6379).")
+    up.add_argument("--dashboard-port", type=_port, default=8265, help="Dashboard port (default 8265).")
+    up.add_argument("--num-cpus", type=int, help="CPUs the local head offers to Ray (default: all).")
+
+    command("down", cmd_down, "Stop what `seidra up` started, nothing else.")
+
+    def with_url(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--url", help=f"API base URL (default: SEIDRA_API_URL, then `seidra up`'s, then {DEFAULT_URL}).")
+        sub.add_argument("--json", action="store_true", help="Print JSON.")
+        return sub
+
+    with_url(command("status", cmd_status, "Queues, workers and job counts."))
+
+    submit = with_url(command("submit", cmd_submit, "Submit one prompt."))
+    submit.add_argument("prompt")
+    submit.add_argument("--batch", action="store_true", help="Send it to the batch lane (/generation/batch).")
+    submit.add_argument("--wait", action="store_true", help="Wait until the job ends.")
+    submit.add_argument("--timeout", type=float, default=300, help="Seconds --wait waits (default 300).")
+    submit.add_argument("--priority", help="0-9 or high, normal, low.")
+    submit.add_argument("--negative-prompt")
+    submit.add_argument("--width", type=int)
+    submit.add_argument("--height", type=int)
+    submit.add_argument("--steps", type=int, help="num_inference_steps")
+    submit.add_argument("--guidance-scale", type=float)
+    submit.add_argument("--seed", type=int)
+
+    jobs = with_url(command("jobs", cmd_jobs, "List recent jobs."))
+    jobs.add_argument("--status", choices=["pending", "running", "completed", "failed", "cancelled"])
+    jobs.add_argument("--lane", choices=["realtime", "batch"])
+    jobs.add_argument("--limit", type=int, default=50)
+
+    tiny = command("make-tiny-model", cmd_make_tiny_model, "Write a tiny random-weight diffusers pipeline to DIR.")
+    tiny.add_argument("dir", type=Path)
+
+    db = commands.add_parser("db", help="Database schema.")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="Apply Alembic migrations.").set_defaults(handler=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from serve_app.cluster import ClusterError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (CliError, ClusterError) as error:
+        print(f"seidra: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # config and service errors: one line, the traceback only on request
+        if os.environ.get("SEIDRA_DEBUG"):
+            raise
+        print(f"seidra: error: {type(error).__name__}: {error} (set SEIDRA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Bringing the application up on a Ray cluster and down again (`seidra up` / `seidra down`).
+
+A head started by `seidra up` runs as `ray start --head --block` in its own process group, so
+`seidra down` stops exactly those processes and leaves any other Ray cluster on the host alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from storage.settings import seidra_home
+
+SERVE_APP_NAME = "seidra"
+# Settings travel to every replica and to the router through the runtime_env.
+FORWARDED_ENV_PREFIXES = ("SEIDRA_", "HF_", "OTEL_")
+HEAD_STOP_GRACE_S = 30.0
+
+
+class ClusterError(RuntimeError):
+    """A failure to report as one line to the operator."""
+
+
+@dataclass
+class UpState:
+    url: str
+    address: str
+    dashboard_url: str | None
+    head_pid: int | None  # set only when `seidra up` started the head itself
+
+    @staticmethod
+    def path() -> Path:
+        return seidra_home() / "run" / "up.json"
+
+    def save(self) -> None:
+        self.path().parent.mkdir(parents=True, exist_ok=True)
+        self.path().write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls) -> "UpState | None":
+        try:
+            return cls(**json.loads(cls.path().read_text()))
+        except FileNotFoundError:
+            return None
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.path().unlink(missing_ok=True)
+
+
+def forwarded_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
+    # Resolved here: replicas run in other working directories and maybe as other users.
+    env["SEIDRA_HOME"] = str(seidra_home())
+    return env
+
+
+def use_token_auth() -> None:
+    """Ray clusters started here use token authentication, and so must every client of theirs.
+
+    Ray 2.60 turns token auth on for a new head but not for a client joining one by address, so we
+    make the choice explicit (an operator can still set RAY_AUTH_MODE=disabled for a cluster without it).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    subprocess.run([_ray_executable(), "get-auth-token", "--generate"], check=True, capture_output=True)
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ray_executable() -> str:
+    beside_python = Path(sys.executable).with_name("ray")
+    found = str(beside_python) if beside_python.exists() else shutil.which("ray")
+    if not found:
+        raise ClusterError("the `ray` command is not installed in this environment")
+    return found
+
+
+def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_file: Path) -> int:
+    """Start `ray start --head --block` in a new process group; returns its pid once the GCS answers."""
+    use_token_auth()
+    command = [
+        _ray_executable(), "start", "--head", "--block",
+        f"--port={gcs_port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **forwarded_env()},
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ClusterError(f"`ray start --head` exited with code {process.returncode}; see {log_file}")
+        if _dashboard_answers(dashboard_port):
+            return process.pid
+        time.sleep(1)
+    stop_head(process.pid)
+    raise ClusterError(f"the Ray head did not come up within 120 s; see {log_file}")
+
+
+def _dashboard_answers(port: int) -> bool:
+    # Any answer will do: with Ray's token authentication on, an anonymous request gets a 401.
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/api/version", timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def stop_head(pid: int) -> None:
+    """SIGTERM the head's process group (the raylet, GCS, dashboard and workers), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + HEAD_STOP_GRACE_S
+        while time.monotonic() < deadline:
+            if not _group_alive(pid):
+                return
+            time.sleep(0.5)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Reap our own child when it has exited, or it lingers as a zombie that still "exists".
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
+
+
+def deploy(address: str, http_host: str, http_port: int) -> str:
+    """Deploy the Serve application on the cluster at `address`; returns its base URL once it answers."""
+    use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": http_host, "port": http_port})
+        serve.run(build_app(), name=SERVE_APP_NAME, route_prefix="/")
+    finally:
+        ray.shutdown()
+    url = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', '::') else http_host}:{http_port}"
+    wait_until_healthy(url, timeout_s=60)
+    return url
+
+
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"the application did not answer on {url}/health within {timeout_s:.0f} s")
+
+
+def undeploy(address: str) -> None:
+    """Delete the Serve application and the router actor; other applications stay."""
+    use_token_auth()
+    import ray
+    from ray import serve
+
+    from scheduling.router import get_router
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        serve.delete(SERVE_APP_NAME)
+        try:
+            ray.kill(get_router(), no_restart=True)
+        except ValueError:
+            pass  # no router: nothing was ever submitted, or it is already gone
+    finally:
+        ray.shutdown()

@@ -1,0 +1,53 @@
+"""Fixtures shared by every tier: real PostgreSQL and S3 servers, and the tiny offline model.
+
+Without PostgreSQL or S3 binaries the tests that need them skip on a laptop, but fail under CI
+(`CI` set): CI must run them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pytest
+
+from tests.servers import S3Server, ServiceUnavailable, postgres_server, s3_server
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+T = TypeVar("T")
+
+
+def _service(start: Callable[[], AbstractContextManager[T]], what: str) -> Iterator[T]:
+    try:
+        manager = start()
+        value = manager.__enter__()
+    except ServiceUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is required under CI: {error}")
+        pytest.skip(f"{what} unavailable: {error}")
+    try:
+        yield value
+    finally:
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    yield from _service(postgres_server, "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    yield from _service(s3_server, "an S3 server")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deployments.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
