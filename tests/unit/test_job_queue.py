@@ -1,0 +1,95 @@
+"""Exact orderings of the waiting queue (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduling.job_queue import LaneQueues, PriorityJobQueue, QueuedJob, QueueFullError
+from scheduling.lanes import Lane
+
+LIMITS = {Lane.REALTIME: 3, Lane.BATCH: 5}
+
+
+def ids(queue: LaneQueues | PriorityJobQueue) -> list[str]:
+    return [job.job_id for job in queue]
+
+
+def drain(queue: LaneQueues | PriorityJobQueue) -> list[str]:
+    order = []
+    while (job := queue.pop()) is not None:
+        order.append(job.job_id)
+    return order
+
+
+def test_within_a_lane_lower_priority_number_first_then_arrival_then_id() -> None:
+    queue = PriorityJobQueue()
+    for job in [
+        QueuedJob(8, 3.0, "c"),
+        QueuedJob(6, 5.0, "late-but-urgent"),
+        QueuedJob(8, 1.0, "b"),
+        QueuedJob(8, 1.0, "a"),  # same priority and arrival: the id breaks the tie
+        QueuedJob(9, 0.0, "first-but-lowest"),
+    ]:
+        queue.push(job)
+    assert ids(queue) == ["late-but-urgent", "a", "b", "c", "first-but-lowest"]
+    assert drain(queue) == ["late-but-urgent", "a", "b", "c", "first-but-lowest"]
+    assert queue.pop() is None
+
+
+def test_any_waiting_realtime_job_goes_before_every_batch_job() -> None:
+    queue = LaneQueues(LIMITS)
+    queue.push(QueuedJob(5, 0.0, "batch-urgent-early"))
+    queue.push(QueuedJob(8, 1.0, "batch-normal"))
+    queue.push(QueuedJob(4, 9.0, "realtime-lowest-late"))
+    queue.push(QueuedJob(0, 10.0, "realtime-high-latest"))
+    assert drain(queue) == ["realtime-high-latest", "realtime-lowest-late", "batch-urgent-early", "batch-normal"]
+
+
+def test_a_realtime_job_arriving_later_overtakes_waiting_batch_jobs() -> None:
+    queue = LaneQueues(LIMITS)
+    for index in range(3):
+        queue.push(QueuedJob(8, float(index), f"batch-{index}"))
+    assert queue.pop().job_id == "batch-0"
+    queue.push(QueuedJob(2, 10.0, "realtime"))
+    assert drain(queue) == ["realtime", "batch-1", "batch-2"]
+
+
+def test_removed_jobs_are_never_popped_and_can_come_back() -> None:
+    queue = LaneQueues(LIMITS)
+    for job in [QueuedJob(2, 1.0, "r1"), QueuedJob(2, 2.0, "r2"), QueuedJob(8, 0.0, "b1")]:
+        queue.push(job)
+    assert queue.remove("r1") is True
+    assert queue.remove("r1") is False
+    assert "r1" not in queue and len(queue) == 2
+    queue.push(QueuedJob(2, 1.0, "r1"))  # a retried job takes its old place again
+    assert drain(queue) == ["r1", "r2", "b1"]
+
+
+def test_a_job_cannot_be_queued_twice() -> None:
+    queue = LaneQueues(LIMITS)
+    queue.push(QueuedJob(2, 1.0, "same"))
+    with pytest.raises(ValueError, match="already queued"):
+        queue.push(QueuedJob(8, 2.0, "same"))
+
+
+def test_depth_limits_apply_per_lane_and_to_the_whole_submission() -> None:
+    queue = LaneQueues(LIMITS, retry_after_s=7)
+    for index in range(3):
+        queue.check_room(Lane.REALTIME)
+        queue.push(QueuedJob(2, float(index), f"r{index}"))
+    with pytest.raises(QueueFullError) as refused:
+        queue.check_room(Lane.REALTIME)
+    assert (refused.value.lane, refused.value.depth, refused.value.limit, refused.value.retry_after_s) == (
+        Lane.REALTIME, 3, 3, 7,
+    )
+    queue.check_room(Lane.BATCH, 5)  # the batch lane has its own limit
+    with pytest.raises(QueueFullError):
+        queue.check_room(Lane.BATCH, 6)
+    assert queue.depth(Lane.REALTIME) == 3 and queue.depth(Lane.BATCH) == 0
+
+
+def test_requeued_work_is_not_refused_by_the_limit() -> None:
+    queue = LaneQueues({Lane.REALTIME: 1, Lane.BATCH: 1})
+    queue.push(QueuedJob(2, 1.0, "r1"))
+    queue.push(QueuedJob(2, 0.5, "r0"))  # e.g. a job handed back by a dead worker
+    assert drain(queue) == ["r0", "r1"]
