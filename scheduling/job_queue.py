@@ -95,6 +95,10 @@ class QueueFullError(Exception):
         self.limit = limit
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Crosses Ray actor boundaries: rebuild from the fields, not from the message.
+        return type(self), (self.lane, self.depth, self.limit, self.retry_after_s)
+
 
 class LaneQueues:
     """One queue per lane, popped in lane precedence order, each with a depth limit."""

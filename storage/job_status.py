@@ -37,6 +37,10 @@ class IllegalTransition(Exception):
         self.current = current
         self.target = target
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Crosses Ray actor boundaries: rebuild from the fields, not from the message.
+        return type(self), (self.job_id, self.current, self.target)
+
 
 def check_transition(job_id: str, current: JobStatus, target: JobStatus) -> None:
     if target not in ALLOWED[current]:

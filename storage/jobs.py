@@ -20,6 +20,9 @@ class JobNotFound(LookupError):
         super().__init__(f"job {job_id} does not exist")
         self.job_id = str(job_id)
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.job_id,)
+
 
 def as_utc(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every timestamp here is written in UTC."""

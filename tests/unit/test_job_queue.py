@@ -93,3 +93,18 @@ def test_requeued_work_is_not_refused_by_the_limit() -> None:
     queue.push(QueuedJob(2, 1.0, "r1"))
     queue.push(QueuedJob(2, 0.5, "r0"))  # e.g. a job handed back by a dead worker
     assert drain(queue) == ["r0", "r1"]
+
+
+def test_refusals_survive_pickling_across_actor_boundaries() -> None:
+    import pickle
+
+    from storage.job_status import IllegalTransition, JobStatus
+    from storage.jobs import JobNotFound
+
+    full = pickle.loads(pickle.dumps(QueueFullError(Lane.BATCH, 20, 20, 5)))
+    assert (full.lane, full.depth, full.limit, full.retry_after_s, str(full)) == (
+        Lane.BATCH, 20, 20, 5, "the batch queue is full (20 waiting, limit 20)",
+    )
+    illegal = pickle.loads(pickle.dumps(IllegalTransition("j", JobStatus.COMPLETED, JobStatus.CANCELLED)))
+    assert str(illegal) == "job j is completed; it cannot become cancelled"
+    assert str(pickle.loads(pickle.dumps(JobNotFound("j")))) == "job j does not exist"

@@ -1,0 +1,129 @@
+"""One local Ray cluster for the whole session, running the real application with the tiny model.
+
+It stores jobs in PostgreSQL and images in S3 when those servers are available (always under CI),
+otherwise in SQLite and a local folder.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from storage.jobs import JobStore
+from storage.object_store import ObjectStore, open_object_store
+from storage.settings import StorageSettings
+
+TEST_ENV = {
+    "SEIDRA_TORCH_THREADS": "1",
+    # Small slices, so that realtime work overtakes batch work within a few steps.
+    "SEIDRA_STEPS_PER_DISPATCH": "4",
+    "SEIDRA_MAX_BATCH_QUEUE": "20",
+    "SEIDRA_HEARTBEAT_INTERVAL_S": "0.5",
+    "SEIDRA_WORKER_TTL_S": "3",
+    "SEIDRA_MIN_IMAGE_SIZE": "32",
+}
+
+
+@dataclass
+class RunningApp:
+    url: str
+    http: httpx.Client
+    jobs: JobStore
+    media: ObjectStore
+
+    def submit(self, **fields: Any) -> dict[str, Any]:
+        body = {"width": 64, "height": 64, "num_inference_steps": 4, **fields}
+        response = self.http.post("/generation/single", json=body)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def submit_batch(self, items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        items = [{"width": 64, "height": 64, "num_inference_steps": 4, **item} for item in items]
+        response = self.http.post("/generation/batch", json={"items": items, **fields})
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_for(self, job_ids: list[str], statuses: tuple[str, ...] = ("completed",), timeout_s: float = 180) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            jobs = [self.job(job_id) for job_id in job_ids]
+            if all(job["status"] in statuses for job in jobs):
+                return jobs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"jobs not {statuses} after {timeout_s} s: {[(j['id'], j['status']) for j in jobs]}")
+            time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    env: dict[str, str] = {}
+    try:
+        env["SEIDRA_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    except pytest.skip.Exception:
+        pass  # SQLite in SEIDRA_HOME
+    try:
+        s3 = request.getfixturevalue("s3")
+        env.update(SEIDRA_S3_ENDPOINT=s3.endpoint, SEIDRA_S3_ACCESS_KEY=s3.access_key, SEIDRA_S3_SECRET_KEY=s3.secret_key)
+    except pytest.skip.Exception:
+        pass  # a local media folder
+    return env
+
+
+@pytest.fixture(scope="session")
+def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    import ray
+    from ray import serve
+
+    from serve_app.app import APP_NAME, build_app
+    from storage.database import upgrade
+
+    env = {
+        **TEST_ENV,
+        **_storage_env(request),
+        "SEIDRA_HOME": str(tmp_path_factory.mktemp("seidra-home")),
+        "SEIDRA_MODEL": str(tiny_model),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        storage = StorageSettings()
+        upgrade(storage.database_url)
+        port = free_port()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(), name=APP_NAME, route_prefix="/")
+            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+            _wait_for_capacity(http)
+            yield RunningApp(f"http://127.0.0.1:{port}", http, JobStore(storage.database_url), open_object_store(storage))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _wait_for_capacity(http: httpx.Client, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if http.get("/status").json()["capacity"] >= 1:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no worker replica reported to the router")
+
