@@ -11,26 +11,32 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
-from ray.serve.handle import DeploymentHandle
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
 
 from scheduling.job_queue import LaneQueues, QueuedJob
 from scheduling.lanes import Lane, lane_for
 from scheduling.settings import RouterSettings
 from scheduling.work import GenerationParams, WorkItem, WorkResult
 from storage.job_status import IllegalTransition, JobStatus
-from storage.jobs import JobStore, as_utc
+from storage.jobs import JobNotFound, JobStore, as_utc
 from storage.models import GenerationJob, utcnow
 from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROUTER_NAME = "seidra-router"
 ROUTER_NAMESPACE = "seidra"
+# The worker, not the job, is at fault: the job goes back to its lane.
+WORKER_FAULTS = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+STORAGE_RETRY_MAX_S = 30.0
 
 
 @dataclass
@@ -173,7 +179,7 @@ class JobRouter:
                     if queued is None:
                         break
                     await self._start(queued)
-            except Exception:  # a storage outage must not kill the loop; jobs stay queued in the database
+            except Exception:  # the loop must outlive any one failure
                 logger.exception("Dispatch failed; retrying")
             try:
                 await asyncio.wait_for(self._wake.wait(), self._settings.worker_ttl_s / 2)
@@ -185,7 +191,7 @@ class JobRouter:
         item = self._resume.pop(queued.job_id, None)
         if item is None:
             try:
-                job = await asyncio.to_thread(
+                job = await self._persist(
                     self._jobs.transition, queued.job_id, JobStatus.RUNNING, started_at=utcnow(), count_attempt=True
                 )
             except IllegalTransition:
@@ -193,11 +199,27 @@ class JobRouter:
             item = WorkItem(job_id=queued.job_id, params=job_params(job), max_steps=self._settings.steps_per_dispatch)
         self._running[queued.job_id] = asyncio.get_event_loop().create_task(self._run(item, queued))
 
+    async def _persist(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a storage call off the event loop, retrying through outages so no outcome is dropped.
+
+        Refusals (an illegal transition, an unknown job) are answers, not outages: they propagate.
+        """
+        delay_s = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(write, *args, **kwargs)
+            except (IllegalTransition, JobNotFound):
+                raise
+            except Exception:
+                logger.exception("Storage call %s failed; retrying in %.1f s", write.__name__, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
+
     async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
         try:
             result: WorkResult = await self._worker.advance.remote(item)
-        except RayActorError as error:
-            await self._requeue_or_fail(queued, f"worker died: {error}")
+        except WORKER_FAULTS as error:
+            await self._requeue_or_fail(queued, f"{type(error).__name__}: {error}")
         except Exception as error:
             await self._finish(item.job_id, JobStatus.FAILED, error=f"{type(error).__name__}: {error}")
         else:
@@ -219,16 +241,16 @@ class JobRouter:
 
     async def _requeue_or_fail(self, queued: QueuedJob, reason: str) -> None:
         self._resume.pop(queued.job_id, None)
-        job = await asyncio.to_thread(self._jobs.get, queued.job_id)
+        job = await self._persist(self._jobs.get, queued.job_id)
         if job.attempts >= self._settings.max_attempts:
             await self._finish(queued.job_id, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts; {reason}")
             return
         logger.warning("Re-queueing job %s: %s", queued.job_id, reason)
-        await asyncio.to_thread(self._jobs.transition, queued.job_id, JobStatus.PENDING, metadata_patch={"requeued": reason})
+        await self._persist(self._jobs.transition, queued.job_id, JobStatus.PENDING, metadata_patch={"requeued": reason})
         self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        await asyncio.to_thread(self._jobs.transition, job_id, status, finished_at=utcnow(), **changes)
+        await self._persist(self._jobs.transition, job_id, status, finished_at=utcnow(), **changes)
         logger.info("Job %s %s", job_id, status.value)
         self._mark_finished(job_id)
 

@@ -145,4 +145,4 @@ def test_local_keys_cannot_escape_the_media_folder(tmp_path: Path) -> None:
 
 def test_s3_settings_need_credentials() -> None:
     with pytest.raises(ValueError, match="SEIDRA_S3_ACCESS_KEY"):
-        StorageSettings(s3_endpoint="127.0.0.1:9000")
+        StorageSettings(s3_endpoint="127.0.0.1:9000", s3_access_key="", s3_secret_key="")
