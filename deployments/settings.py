@@ -21,3 +21,14 @@ class WorkerSettings(BaseSettings):
     num_workers: int = Field(1, ge=1, description="Worker replicas.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica on CPU; 0 keeps torch's default.")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="How often a replica reports to the router.")
+    force_mock: bool = Field(
+        False, description="Last resort during a GPU outage: start workers on the CPU without touching CUDA or NVML."
+    )
+    max_gpu_temperature_c: float = Field(85.0, gt=0, description="At or above this GPU temperature a replica is degraded.")
+    unhealthy_after_failures: int = Field(3, ge=1, description="Consecutive inference failures that make a replica unhealthy.")
+    degraded_cooldown_s: float = Field(60.0, ge=0, description="How long an inference timeout keeps a replica degraded.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period of worker replicas.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout of worker replicas.")
+    fault_injection: bool = Field(
+        False, description="Drills and tests only: let the admin fault endpoint change what replicas report."
+    )

@@ -1,0 +1,158 @@
+"""One replica's model and its health: what `get_status_snapshot()` reports to the router.
+
+`assess` is the policy, a pure function of the replica's facts, so it is unit-tested with a fake
+clock; `ModelManager` gathers the facts (pipeline, NVML, inference outcomes, directives).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from deployments.nvml import GpuLost, GpuReader, GpuReading
+from deployments.settings import WorkerSettings
+from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives
+
+HARDWARE_THROTTLES = frozenset({"hw_thermal_slowdown", "hw_power_brake_slowdown"})
+
+
+@dataclass(frozen=True)
+class ReplicaFacts:
+    base_mode: Mode  # cuda, cpu or mock: what the replica runs on when all is well
+    loaded: bool
+    load_error: str | None
+    gpu: GpuReading | None
+    gpu_error: str | None
+    maintenance: bool
+    consecutive_failures: int
+    seconds_since_timeout: float | None
+    injected_health: Health | None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_temperature_c: float
+    unhealthy_after_failures: int
+    degraded_cooldown_s: float
+
+
+def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
+    """Mode, health and the reason, first matching rule wins: the gravest condition is reported."""
+    if not facts.loaded:
+        return Mode.OFFLINE, Health.UNHEALTHY, f"model not loaded: {facts.load_error}"
+    if facts.gpu_error:
+        return Mode.OFFLINE, Health.UNHEALTHY, facts.gpu_error
+    if facts.injected_health is Health.UNHEALTHY:
+        return Mode.DEGRADED, Health.UNHEALTHY, "injected fault: unhealthy"
+    if facts.gpu and facts.gpu.ecc_uncorrected_errors:
+        return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.gpu.ecc_uncorrected_errors} uncorrectable ECC errors"
+    if facts.consecutive_failures >= limits.unhealthy_after_failures:
+        return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.consecutive_failures} consecutive inference failures"
+    if facts.maintenance:
+        return Mode.MAINTENANCE, Health.HEALTHY, "maintenance: finishing running jobs, taking no new ones"
+    if facts.gpu and facts.gpu.temperature_c >= limits.max_temperature_c:
+        return (
+            Mode.DEGRADED,
+            Health.DEGRADED,
+            f"GPU temperature {facts.gpu.temperature_c:.0f} °C >= {limits.max_temperature_c:.0f} °C",
+        )
+    throttles = HARDWARE_THROTTLES.intersection(facts.gpu.throttle_reasons) if facts.gpu else set()
+    if throttles:
+        return Mode.DEGRADED, Health.DEGRADED, f"GPU throttled: {', '.join(sorted(throttles))}"
+    if facts.seconds_since_timeout is not None and facts.seconds_since_timeout < limits.degraded_cooldown_s:
+        return Mode.DEGRADED, Health.DEGRADED, "GPU inference timeout"
+    if facts.injected_health is Health.DEGRADED:
+        return Mode.DEGRADED, Health.DEGRADED, "injected fault: degraded"
+    return facts.base_mode, Health.HEALTHY, ""
+
+
+class ModelManager:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        gpu_reader: GpuReader,
+        load_pipeline: Callable[[], Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._gpu_reader = gpu_reader
+        self._clock = clock
+        self._limits = Thresholds(
+            settings.max_gpu_temperature_c, settings.unhealthy_after_failures, settings.degraded_cooldown_s
+        )
+        self.directives = ReplicaDirectives()
+        self.runner: Any = None
+        self._load_error: str | None = None
+        self._last_inference_s: float | None = None
+        self._consecutive_failures = 0
+        self._last_timeout_at: float | None = None
+        try:
+            self.runner = load_pipeline()
+        except Exception as error:  # reported as `offline`; Serve replaces the unhealthy replica
+            self._load_error = f"{type(error).__name__}: {error}"
+
+    @property
+    def base_mode(self) -> Mode:
+        if self._settings.force_mock:
+            return Mode.MOCK
+        return Mode.CUDA if self.runner is not None and self.runner.device == "cuda" else Mode.CPU
+
+    @property
+    def faults(self) -> InjectedFaults | None:
+        return self.directives.faults if self._settings.fault_injection else None
+
+    def record_success(self, duration_s: float) -> None:
+        self._last_inference_s = duration_s
+        self._consecutive_failures = 0
+
+    def record_failure(self) -> None:
+        self._consecutive_failures += 1
+
+    def record_timeout(self) -> None:
+        self._last_timeout_at = self._clock()
+
+    def _gpu(self) -> tuple[GpuReading | None, str | None]:
+        try:
+            reading = self._gpu_reader.read()
+        except GpuLost as error:
+            return None, str(error)
+        faults = self.faults
+        if faults and faults.temperature_c is not None:
+            reading = replace(reading or _placeholder_gpu(), temperature_c=faults.temperature_c)
+        return reading, None
+
+    def get_status_snapshot(self) -> dict[str, Any]:
+        gpu, gpu_error = self._gpu()
+        faults = self.faults
+        since_timeout = None if self._last_timeout_at is None else self._clock() - self._last_timeout_at
+        facts = ReplicaFacts(
+            base_mode=self.base_mode,
+            loaded=self.runner is not None,
+            load_error=self._load_error,
+            gpu=gpu,
+            gpu_error=gpu_error,
+            maintenance=self.directives.maintenance,
+            consecutive_failures=self._consecutive_failures,
+            seconds_since_timeout=since_timeout,
+            injected_health=faults.health if faults else None,
+        )
+        mode, health, reason = assess(facts, self._limits)
+        return {
+            "mode": mode.value,
+            "health": health.value,
+            "reason": reason,
+            "model": self._settings.model,
+            "device": getattr(self.runner, "device", None),
+            "dtype": str(getattr(self.runner, "dtype", "")).removeprefix("torch.") or None,
+            "last_inference_s": self._last_inference_s,
+            "consecutive_failures": self._consecutive_failures,
+            "gpu": gpu.as_dict() if gpu else None,
+            "faults_injected": faults is not None,
+        }
+
+
+def _placeholder_gpu() -> GpuReading:
+    """What an injected temperature attaches to on a machine without a GPU."""
+    return GpuReading(index=-1, name="injected", temperature_c=0.0, utilization_pct=0.0, memory_used_mb=0, memory_total_mb=0)
