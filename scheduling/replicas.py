@@ -1,0 +1,155 @@
+"""The router's view of the worker replicas: who is alive, usable, busy, in maintenance.
+
+Replicas report a status snapshot every heartbeat; a replica silent for `ttl_s` is forgotten, so
+the view is at most one heartbeat interval stale for reports and `ttl_s` for deaths. Pure Python
+with an injected clock: unit-tested without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduling.directives import InjectedFaults, ReplicaDirectives, is_available
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    slots: int
+    last_seen: float
+    snapshot: dict[str, Any]
+    running: set[str] = field(default_factory=set)
+    # What the router saw itself (an inference timeout), until the replica's own reports agree.
+    degraded_until: float = 0.0
+    degraded_reason: str = ""
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+
+class ReplicaPool:
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._replicas: dict[str, Replica] = {}
+        self._maintenance: set[str] = set()
+        self._maintenance_all = False
+        self._faults: dict[str, InjectedFaults] = {}  # "*" targets every replica
+
+    # ----- reports -----
+
+    def report(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> bool:
+        """Record a heartbeat; True when the replica is new."""
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            self._replicas[replica_id] = Replica(replica_id, slots, self._clock(), snapshot)
+            return True
+        replica.slots, replica.last_seen, replica.snapshot = slots, self._clock(), snapshot
+        return False
+
+    def expire(self) -> list[Replica]:
+        deadline = self._clock() - self._ttl_s
+        gone = [replica for replica in self._replicas.values() if replica.last_seen < deadline]
+        for replica in gone:
+            del self._replicas[replica.replica_id]
+        return gone
+
+    def mark_degraded(self, replica_id: str, reason: str, for_s: float) -> None:
+        replica = self._replicas.get(replica_id)
+        if replica is not None:
+            replica.degraded_until = self._clock() + for_s
+            replica.degraded_reason = reason
+
+    # ----- usability -----
+
+    def unavailable_reason(self, replica: Replica) -> str | None:
+        """Why no new work may go to this replica, or None when it may."""
+        if replica.replica_id in self._maintenance or self._maintenance_all:
+            return "maintenance"
+        if self._clock() < replica.degraded_until:
+            return replica.degraded_reason
+        snapshot = replica.snapshot
+        if not is_available(snapshot["mode"], snapshot["health"]):
+            return snapshot.get("reason") or f"mode {snapshot['mode']}, health {snapshot['health']}"
+        return None
+
+    def assign(self, job_id: str) -> str | None:
+        """Reserve a slot for `job_id` on the usable replica with the most free slots."""
+        candidates = [r for r in self._replicas.values() if r.free_slots() > 0 and self.unavailable_reason(r) is None]
+        if not candidates:
+            return None
+        chosen = max(candidates, key=lambda r: (r.free_slots(), r.replica_id))
+        chosen.running.add(job_id)
+        return chosen.replica_id
+
+    def release(self, replica_id: str, job_id: str) -> None:
+        replica = self._replicas.get(replica_id)
+        if replica is not None:
+            replica.running.discard(job_id)
+
+    def usable_slots(self) -> int:
+        return sum(r.free_slots() for r in self._replicas.values() if self.unavailable_reason(r) is None)
+
+    def outage_reason(self) -> str | None:
+        """Why nothing can run when replicas exist but none is usable; None otherwise.
+
+        With no replica at all (start-up, scaled to zero) there is nothing to say about GPU health.
+        """
+        if not self._replicas:
+            return None
+        reasons = {rid: self.unavailable_reason(replica) for rid, replica in self._replicas.items()}
+        if any(reason is None for reason in reasons.values()):
+            return None
+        return "; ".join(f"replica {rid}: {reason}" for rid, reason in sorted(reasons.items()))
+
+    # ----- operator controls -----
+
+    def set_maintenance(self, replica_id: str | None, enabled: bool) -> None:
+        if replica_id is None:
+            self._maintenance_all = enabled
+            if not enabled:
+                self._maintenance.clear()
+        elif enabled:
+            self._maintenance.add(replica_id)
+        else:
+            self._maintenance.discard(replica_id)
+
+    def set_faults(self, replica_id: str | None, faults: InjectedFaults | None) -> None:
+        key = replica_id or "*"
+        if faults is None:
+            if replica_id is None:
+                self._faults.clear()
+            else:
+                self._faults.pop(key, None)
+        else:
+            self._faults[key] = faults
+
+    def directives(self, replica_id: str) -> ReplicaDirectives:
+        return ReplicaDirectives(
+            maintenance=self._maintenance_all or replica_id in self._maintenance,
+            faults=self._faults.get(replica_id) or self._faults.get("*"),
+        )
+
+    # ----- views -----
+
+    def __contains__(self, replica_id: object) -> bool:
+        return replica_id in self._replicas
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        return [
+            {
+                **replica.snapshot,
+                "replica_id": replica.replica_id,
+                "slots": replica.slots,
+                "running": sorted(replica.running),
+                "seen_s_ago": round(now - replica.last_seen, 1),
+                "maintenance": self.directives(replica.replica_id).maintenance,
+                "usable": self.unavailable_reason(replica) is None,
+                "unavailable_reason": self.unavailable_reason(replica),
+            }
+            for replica in sorted(self._replicas.values(), key=lambda r: r.replica_id)
+        ]

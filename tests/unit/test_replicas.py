@@ -1,0 +1,108 @@
+"""The router's replica view: assignment, usability, expiry, maintenance, with a fake clock."""
+
+from __future__ import annotations
+
+from scheduling.directives import Health, InjectedFaults
+from scheduling.replicas import ReplicaPool
+
+HEALTHY = {"mode": "cuda", "health": "healthy", "reason": ""}
+HOT = {"mode": "degraded", "health": "degraded", "reason": "GPU temperature 95 °C >= 85 °C"}
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pool_with(*replica_ids: str, slots: int = 1) -> tuple[ReplicaPool, Clock]:
+    clock = Clock()
+    pool = ReplicaPool(ttl_s=10, clock=clock)
+    for replica_id in replica_ids:
+        assert pool.report(replica_id, slots, HEALTHY) is True
+    return pool, clock
+
+
+def test_assignment_fills_free_slots_on_usable_replicas_only() -> None:
+    pool, _ = pool_with("a", "b")
+    pool.report("b", 1, HOT)
+    assert pool.assign("j1") == "a"
+    assert pool.assign("j2") is None  # a is busy, b is hot
+    assert pool.usable_slots() == 0
+    pool.release("a", "j1")
+    assert pool.assign("j3") == "a"
+
+
+def test_most_free_slots_first() -> None:
+    pool, _ = pool_with("a", "b", slots=2)
+    assert [pool.assign(f"j{i}") for i in range(4)] == ["b", "a", "b", "a"]
+    assert pool.assign("j5") is None
+
+
+def test_outage_reason_only_when_every_replica_is_unusable() -> None:
+    pool, _ = pool_with()
+    assert pool.outage_reason() is None  # no replicas: nothing known about GPUs
+    pool.report("a", 1, HOT)
+    assert pool.outage_reason() == "replica a: GPU temperature 95 °C >= 85 °C"
+    pool.report("b", 1, HEALTHY)
+    assert pool.outage_reason() is None
+    pool.assign("j")  # busy is not unusable
+    assert pool.outage_reason() is None
+
+
+def test_a_timeout_degrades_a_replica_until_it_cools_down() -> None:
+    pool, clock = pool_with("a")
+    pool.mark_degraded("a", "GPU inference timeout", for_s=30)
+    assert pool.outage_reason() == "replica a: GPU inference timeout"
+    clock.now = 29.9
+    assert pool.assign("j") is None
+    clock.now = 30
+    assert pool.assign("j") == "a"
+
+
+def test_silent_replicas_expire() -> None:
+    pool, clock = pool_with("a", "b")
+    clock.now = 5
+    pool.report("b", 1, HEALTHY)
+    clock.now = 10.5
+    assert [replica.replica_id for replica in pool.expire()] == ["a"]
+    assert "a" not in pool and "b" in pool
+
+
+def test_maintenance_one_or_all_drains_without_touching_running_work() -> None:
+    pool, _ = pool_with("a", "b")
+    assert pool.assign("running") == "b"
+    pool.set_maintenance("b", True)
+    assert pool.directives("b").maintenance and not pool.directives("a").maintenance
+    pool.release("b", "running")
+    assert pool.assign("next") == "a"
+    pool.set_maintenance(None, True)
+    pool.report("c", 1, HEALTHY)  # joins while everything is in maintenance
+    assert pool.directives("c").maintenance
+    assert pool.outage_reason() == "replica a: maintenance; replica b: maintenance; replica c: maintenance"
+    pool.set_maintenance(None, False)
+    assert not any(pool.directives(r).maintenance for r in "abc")
+
+
+def test_faults_target_one_replica_or_all() -> None:
+    pool, _ = pool_with("a", "b")
+    hot, sick = InjectedFaults(temperature_c=95), InjectedFaults(health=Health.UNHEALTHY)
+    pool.set_faults(None, hot)
+    pool.set_faults("b", sick)
+    assert (pool.directives("a").faults, pool.directives("b").faults) == (hot, sick)
+    pool.set_faults("b", None)
+    assert pool.directives("b").faults == hot
+    pool.set_faults(None, None)
+    assert pool.directives("a").faults is None and pool.directives("b").faults is None
+
+
+def test_describe_lists_each_replica() -> None:
+    pool, clock = pool_with("a")
+    pool.assign("j")
+    clock.now = 1.25
+    [row] = pool.describe()
+    assert {k: row[k] for k in ("replica_id", "mode", "health", "running", "seen_s_ago", "usable", "maintenance")} == {
+        "replica_id": "a", "mode": "cuda", "health": "healthy", "running": ["j"], "seen_s_ago": 1.2,
+        "usable": True, "maintenance": False,
+    }
