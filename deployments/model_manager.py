@@ -14,6 +14,7 @@ from typing import Any
 from deployments.nvml import GpuLost, GpuReader, GpuReading
 from deployments.settings import WorkerSettings
 from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives
+from scheduling.settings import RouterSettings
 
 HARDWARE_THROTTLES = frozenset({"hw_thermal_slowdown", "hw_power_brake_slowdown"})
 
@@ -75,13 +76,14 @@ class ModelManager:
         gpu_reader: GpuReader,
         load_pipeline: Callable[[], Any],
         clock: Callable[[], float] = time.monotonic,
+        degraded_cooldown_s: float | None = None,
     ) -> None:
         self._settings = settings
         self._gpu_reader = gpu_reader
         self._clock = clock
-        self._limits = Thresholds(
-            settings.max_gpu_temperature_c, settings.unhealthy_after_failures, settings.degraded_cooldown_s
-        )
+        # The router keeps a timed-out replica out of rotation for the same cooldown.
+        cooldown_s = RouterSettings().degraded_cooldown_s if degraded_cooldown_s is None else degraded_cooldown_s
+        self._limits = Thresholds(settings.max_gpu_temperature_c, settings.unhealthy_after_failures, cooldown_s)
         self.directives = ReplicaDirectives()
         self.runner: Any = None
         self._load_error: str | None = None

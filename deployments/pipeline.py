@@ -46,11 +46,10 @@ class SliceOutput:
 
 class DiffusionRunner:
     def __init__(self, settings: WorkerSettings) -> None:
-        if not settings.model:
-            raise ValueError("SEIDRA_MODEL is not set: give a diffusers model folder or hub id")
-        self.model = settings.model
-        self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.model = settings.require_model().model
+        # Forced mock mode must not touch CUDA at all, not even to ask whether it is there.
+        self.device = "cpu" if settings.force_mock else resolve_device(settings.device)
+        self.dtype = torch.float32 if settings.force_mock else resolve_dtype(settings.dtype, self.device)
         if self.device == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.pipeline = DiffusionPipeline.from_pretrained(settings.model, dtype=self.dtype).to(self.device)
@@ -62,20 +61,23 @@ class DiffusionRunner:
 
     def _use_euler_scheduler(self) -> bool:
         scheduler = self.pipeline.scheduler
-        if isinstance(scheduler, EulerDiscreteScheduler):
-            return True
-        if EulerDiscreteScheduler in getattr(scheduler, "compatibles", []):
-            self.pipeline.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
-            return True
-        return False
+        if not isinstance(scheduler, EulerDiscreteScheduler):
+            if EulerDiscreteScheduler not in getattr(scheduler, "compatibles", []):
+                return False
+            self.pipeline.scheduler = scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+        return _resumes_exactly(scheduler.config)
 
     def _schedule(self, **kwargs: Any) -> EulerDiscreteScheduler:
         scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         scheduler.set_timesteps(**kwargs)
         return scheduler
 
-    def advance(self, item: WorkItem) -> SliceOutput:
-        """Run up to `item.max_steps` denoising steps; decode and encode a PNG on the last one."""
+    def advance(self, item: WorkItem, control: StepControl | None = None) -> SliceOutput:
+        """Run up to `item.max_steps` denoising steps; decode and encode a PNG on the last one.
+
+        Raises `Interrupted` when `control` is cancelled before the slice ends.
+        """
+        control = control or StepControl()
         params = item.params
         total = params.num_inference_steps
         if not self.resumable and item.step:
@@ -86,14 +88,18 @@ class DiffusionRunner:
             remaining = self._schedule(num_inference_steps=total).timesteps[item.step :].tolist()
             init_sigma = self._schedule(timesteps=remaining).init_noise_sigma
             kwargs["timesteps"] = remaining
-            kwargs["latents"] = torch.from_numpy(item.latents).to(self.device, self.dtype) / init_sigma
+            # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
+            kwargs["latents"] = (torch.from_numpy(item.latents) / init_sigma).to(self.device, self.dtype)
         else:
             kwargs["num_inference_steps"] = total
+        control.stop_after = stop - item.step
+        kwargs["callback_on_step_end"] = control
         if stop < total:
             kwargs["output_type"] = "latent"
-            kwargs["callback_on_step_end"] = _stop_after(stop - item.step)
         with self._lock, torch.inference_mode():
             output = self.pipeline(**kwargs).images
+        if control.cancelled.is_set():
+            raise Interrupted(f"job {item.job_id} was cancelled at a step boundary")
         if stop < total:
             return SliceOutput(step=stop, total_steps=total, latents=output.float().cpu().numpy())
         return SliceOutput(step=total, total_steps=total, png=_png(output[0]))
@@ -110,13 +116,42 @@ class DiffusionRunner:
         }
 
 
-def _stop_after(steps: int):  # type: ignore[no-untyped-def]
-    def callback(pipeline: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        if index + 1 >= steps:
-            pipeline._interrupt = True  # the pipelines' own flag: remaining steps are skipped
-        return callback_kwargs
+def _resumes_exactly(config: Any) -> bool:
+    """Euler's `set_timesteps(timesteps=...)` rebuilds the same sigmas only for plain discrete schedules.
 
-    return callback
+    With karras/exponential/beta sigmas or continuous timesteps it refuses custom timesteps, and with
+    log-linear interpolation it ignores them; such pipelines run each job in one call.
+    """
+    return not (
+        config.get("use_karras_sigmas")
+        or config.get("use_exponential_sigmas")
+        or config.get("use_beta_sigmas")
+        or config.get("timestep_type", "discrete") != "discrete"
+        or config.get("interpolation_type", "linear") != "linear"
+    )
+
+
+class Interrupted(RuntimeError):
+    """The slice was cancelled (its caller gave up on it); its output is incomplete."""
+
+
+class StepControl:
+    """The `callback_on_step_end` hook: ends a slice after `stop_after` steps or on cancellation.
+
+    `step_delay_s` slows each step down; it exists for fault-injection drills only.
+    """
+
+    def __init__(self, step_delay_s: float = 0.0) -> None:
+        self.stop_after = 0
+        self.step_delay_s = step_delay_s
+        self.cancelled = threading.Event()
+
+    def __call__(self, pipeline: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.step_delay_s:
+            self.cancelled.wait(self.step_delay_s)
+        if index + 1 >= self.stop_after or self.cancelled.is_set():
+            pipeline._interrupt = True  # the pipelines' own flag: the remaining steps are skipped
+        return callback_kwargs
 
 
 def _png(image: Any) -> bytes:

@@ -26,9 +26,16 @@ class WorkerSettings(BaseSettings):
     )
     max_gpu_temperature_c: float = Field(85.0, gt=0, description="At or above this GPU temperature a replica is degraded.")
     unhealthy_after_failures: int = Field(3, ge=1, description="Consecutive inference failures that make a replica unhealthy.")
-    degraded_cooldown_s: float = Field(60.0, ge=0, description="How long an inference timeout keeps a replica degraded.")
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period of worker replicas.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout of worker replicas.")
     fault_injection: bool = Field(
         False, description="Drills and tests only: let the admin fault endpoint change what replicas report."
     )
+
+    def require_model(self) -> "WorkerSettings":
+        if not self.model:
+            raise ValueError(
+                "SEIDRA_MODEL is not set: export SEIDRA_MODEL=<diffusers model folder or hub id> "
+                "(for a quick try: seidra make-tiny-model DIR, then SEIDRA_MODEL=DIR)"
+            )
+        return self

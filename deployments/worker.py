@@ -1,8 +1,9 @@
 """The GPU worker: a Serve deployment whose replicas each hold one diffusers pipeline.
 
-The router calls `advance` only when a replica has a free slot, and each replica reports its
-capacity to the router every `heartbeat_interval_s` (the router drops a replica after
-`SEIDRA_WORKER_TTL_S` of silence).
+The job router reserves a slot on a replica before it sends work there (`AssignedReplicaRouter`),
+and each replica reports its status snapshot every `heartbeat_interval_s`; the answer carries the
+router's directives (maintenance, injected faults). The router drops a replica after
+`SEIDRA_WORKER_TTL_S` of silence, so its view of a replica is at most that stale.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
+from deployments.model_manager import ModelManager
+from deployments.nvml import NoGpu, open_gpu_reader
 from deployments.settings import WorkerSettings
+from scheduling.assigned_replica import AssignedReplicaRouter
+from scheduling.directives import ReplicaUnavailable, is_available
 from scheduling.router import get_router
 from scheduling.work import WorkItem, WorkResult
 from storage.object_store import image_key, open_object_store
@@ -29,9 +35,8 @@ SLOTS_PER_REPLICA = 1
 @serve.deployment(
     name="DiffusionWorker",
     max_ongoing_requests=SLOTS_PER_REPLICA,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
     graceful_shutdown_timeout_s=120,
+    request_router_config=RequestRouterConfig(request_router_class=AssignedReplicaRouter),
 )
 class DiffusionWorker:
     def __init__(self) -> None:
@@ -39,35 +44,71 @@ class DiffusionWorker:
         from deployments.pipeline import DiffusionRunner
 
         self._settings = WorkerSettings()
-        self._runner = DiffusionRunner(self._settings)
+        gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
+        self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
         self._store = open_object_store(StorageSettings())
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._busy = 0  # calls in progress, reported so a restarted router does not overbook
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
     async def advance(self, item: WorkItem) -> WorkResult:
+        from deployments.pipeline import StepControl
+
+        snapshot = self.model_manager.get_status_snapshot()
+        if not is_available(snapshot["mode"], snapshot["health"]):
+            raise ReplicaUnavailable(self._replica_id, snapshot)
+        faults = self.model_manager.faults
+        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0)
         started = time.perf_counter()
-        output = await asyncio.to_thread(self._runner.advance, item)
-        object_key = None
-        if output.png is not None:
-            object_key = image_key(item.job_id)
-            await asyncio.to_thread(self._store.put, object_key, output.png, "image/png")
+        self._busy += 1
+        try:
+            output = await asyncio.to_thread(self.model_manager.runner.advance, item, control)
+            object_key = await self._store_image(item.job_id, output.png)
+        except asyncio.CancelledError:
+            # The router gave up on this call (inference timeout): stop at the next step boundary.
+            control.cancelled.set()
+            self.model_manager.record_timeout()
+            raise
+        except Exception:
+            self.model_manager.record_failure()
+            raise
+        finally:
+            self._busy -= 1
+        duration_s = time.perf_counter() - started
+        self.model_manager.record_success(duration_s)
         return WorkResult(
             job_id=item.job_id,
             replica_id=self._replica_id,
             step=output.step,
             total_steps=output.total_steps,
-            duration_s=time.perf_counter() - started,
+            duration_s=duration_s,
             latents=output.latents,
             object_key=object_key,
         )
 
-    def describe(self) -> dict[str, Any]:
-        return {"model": self._runner.model, "device": self._runner.device, "dtype": str(self._runner.dtype).removeprefix("torch.")}
+    async def _store_image(self, job_id: str, png: bytes | None) -> str | None:
+        if png is None:
+            return None
+        key = image_key(job_id)
+        await asyncio.to_thread(self._store.put, key, png, "image/png")
+        return key
+
+    def get_status_snapshot(self) -> dict[str, Any]:
+        return {**self.model_manager.get_status_snapshot(), "busy": self._busy}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose health check raises."""
+        snapshot = self.model_manager.get_status_snapshot()
+        if snapshot["health"] == "unhealthy":
+            raise RuntimeError(f"replica {self._replica_id} is unhealthy: {snapshot['reason']}")
 
     async def _report_forever(self) -> None:
         while True:
             try:
-                await get_router().heartbeat.remote(self._replica_id, SLOTS_PER_REPLICA, self.describe())
+                snapshot = self.get_status_snapshot()
+                self.model_manager.directives = await get_router().heartbeat.remote(
+                    self._replica_id, SLOTS_PER_REPLICA, snapshot
+                )
             except ValueError:
                 pass  # the router is not up yet; the ingress creates it
             except Exception:

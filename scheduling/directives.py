@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class Mode(str, Enum):
@@ -46,3 +47,15 @@ class InjectedFaults:
 class ReplicaDirectives:
     maintenance: bool = False
     faults: InjectedFaults | None = None
+
+
+class ReplicaUnavailable(Exception):
+    """A replica refused work: its own snapshot says it must not take any (raised inside the replica)."""
+
+    def __init__(self, replica_id: str, snapshot: dict[str, Any]) -> None:
+        super().__init__(f"replica {replica_id} is {snapshot['mode']}/{snapshot['health']}: {snapshot.get('reason')}")
+        self.replica_id = replica_id
+        self.snapshot = snapshot
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.replica_id, self.snapshot)

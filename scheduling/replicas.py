@@ -27,7 +27,9 @@ class Replica:
     degraded_reason: str = ""
 
     def free_slots(self) -> int:
-        return self.slots - len(self.running)
+        # The replica's own count covers calls this router did not send: a previous router's,
+        # still running after a restart.
+        return self.slots - max(len(self.running), self.snapshot.get("busy", 0))
 
 
 class ReplicaPool:
@@ -49,6 +51,15 @@ class ReplicaPool:
             return True
         replica.slots, replica.last_seen, replica.snapshot = slots, self._clock(), snapshot
         return False
+
+    def note_snapshot(self, replica_id: str, snapshot: dict[str, Any]) -> None:
+        """A snapshot that came with a refusal rather than a heartbeat."""
+        replica = self._replicas.get(replica_id)
+        if replica is not None:
+            replica.snapshot = snapshot
+
+    def forget(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
 
     def expire(self) -> list[Replica]:
         deadline = self._clock() - self._ttl_s

@@ -1,8 +1,10 @@
 """The priority router: one named Ray actor that owns the waiting queue and dispatches jobs.
 
-It dispatches only into free worker capacity, so jobs never wait inside a replica where a later
-realtime job could not overtake them. The database is the source of truth: on (re)start the queue
-is rebuilt from the pending and running jobs.
+It dispatches only into free slots of usable replicas, so jobs never wait inside a replica where a
+later realtime job could not overtake them. When no healthy GPU can take work, waiting jobs are
+put on hold (still `pending`, in their place, with `metadata.degraded`) and run again by
+themselves once a replica reports healthy. The database is the source of truth: on (re)start the
+queue is rebuilt from the pending and running jobs.
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+import sqlalchemy.exc
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
+from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
 from scheduling.job_queue import LaneQueues, QueuedJob
-from scheduling.lanes import Lane, lane_for
+from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane, lane_for
+from scheduling.replicas import ReplicaPool
 from scheduling.settings import RouterSettings
 from scheduling.work import GenerationParams, WorkItem, WorkResult
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobNotFound, JobStore, as_utc
 from storage.models import GenerationJob, utcnow
+from storage.notifications import Level, NotificationService
 from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
@@ -34,17 +40,9 @@ T = TypeVar("T")
 
 ROUTER_NAME = "seidra-router"
 ROUTER_NAMESPACE = "seidra"
-# The worker, not the job, is at fault: the job goes back to its lane.
-WORKER_FAULTS = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 STORAGE_RETRY_MAX_S = 30.0
-
-
-@dataclass
-class WorkerInfo:
-    replica_id: str
-    slots: int
-    last_seen: float
-    details: dict[str, Any] = field(default_factory=dict)
+STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+GPU_TIMEOUT_REASON = "GPU inference timeout"
 
 
 def queued_job(job: GenerationJob) -> QueuedJob:
@@ -63,22 +61,41 @@ def job_params(job: GenerationJob) -> GenerationParams:
     )
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The exception raised inside the replica, for errors that come back wrapped by Ray."""
+    return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+
+
+def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda meta: {**meta, "failures": meta.get("failures", 0) + 1, "last_error": error}
+
+
 class JobRouter:
     def __init__(self, worker: DeploymentHandle) -> None:
         self._settings = RouterSettings()
-        self._jobs = JobStore(StorageSettings().database_url)
+        storage = StorageSettings()
+        self._jobs = JobStore(storage.database_url)
+        self._notifications = NotificationService(storage.database_url)
         self._queue = LaneQueues(
             {Lane.REALTIME: self._settings.max_realtime_queue, Lane.BATCH: self._settings.max_batch_queue},
             retry_after_s=self._settings.queue_full_retry_after_s,
         )
+        self._backoff = Backoff(self._settings.hold_base_s, self._settings.hold_cap_s, self._settings.hold_jitter)
+        self._pool = ReplicaPool(self._settings.worker_ttl_s)
         self._worker = worker
-        self._workers: dict[str, WorkerInfo] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         # Jobs between two step slices: their next WorkItem, latents included.
         self._resume: dict[str, WorkItem] = {}
+        # Of those, the ones a hold set back to `pending` in the database.
+        self._paused: set[str] = set()
+        # Held jobs (still in the queue): when the router next delays them if the outage goes on.
+        self._next_delay_at: dict[str, float] = {}
+        # Retries with a countdown: not in the queue until their timer fires.
+        self._deferred: dict[str, asyncio.TimerHandle] = {}
         self._finished: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._recover()
+        # Held in an attribute: the event loop keeps only weak references to its tasks.
         self._loop = asyncio.get_event_loop().create_task(self._dispatch_loop())
 
     # ----- rebuilding from the database -----
@@ -89,7 +106,11 @@ class JobRouter:
                 # Its worker's answer went to the router that died; running it again overwrites the
                 # same object key, so nothing is duplicated.
                 job = self._jobs.transition(job.id, JobStatus.PENDING, metadata_patch={"requeued": "router restarted"})
-            self._queue.push(queued_job(job))
+            retry_at = job.meta.get("retry", {}).get("not_before")
+            if retry_at and datetime.fromisoformat(retry_at) > utcnow():
+                self._defer(job, (datetime.fromisoformat(retry_at) - utcnow()).total_seconds())
+            else:
+                self._queue.push(queued_job(job))
         logger.info("Router rebuilt its queue from the database: %d jobs waiting", len(self._queue))
 
     # ----- public methods (called through the actor handle) -----
@@ -110,14 +131,48 @@ class JobRouter:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a waiting job. Raises IllegalTransition for running or finished jobs."""
         job = await asyncio.to_thread(self._jobs.transition, job_id, JobStatus.CANCELLED, finished_at=utcnow())
-        self._queue.remove(job_id)
+        self._forget_waiting(job_id)
         self._mark_finished(job_id)
+        return job.model_dump()
+
+    async def retry(self, job_id: str, countdown_s: float = 0.0) -> dict[str, Any]:
+        """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
+
+        Raises IllegalTransition for a running or completed job, or one already waiting normally.
+        """
+        job = await asyncio.to_thread(self._jobs.get, job_id)
+        priority = job.priority if job.priority <= MAX_REALTIME_PRIORITY else DEFAULT_REALTIME_PRIORITY
+        not_before = utcnow() + timedelta(seconds=countdown_s)
+        changes: dict[str, Any] = {
+            "priority": priority,
+            "lane": lane_for(priority).value,
+            "edit_metadata": lambda meta: {
+                **meta,
+                "failures": 0,
+                "retry": {"requested_at": utcnow().isoformat(), "not_before": not_before.isoformat()},
+            },
+        }
+        if job.status == JobStatus.PENDING.value and is_held(job.meta) and job_id not in self._running:
+            job = await asyncio.to_thread(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, **changes)
+            if job is None:
+                raise IllegalTransition(job_id, JobStatus.RUNNING, JobStatus.PENDING)
+            self._forget_waiting(job_id)
+        else:
+            job = await asyncio.to_thread(
+                self._jobs.transition, job_id, JobStatus.PENDING, error=None, finished_at=None, **changes
+            )
+        if countdown_s > 0:
+            self._defer(job, countdown_s)
+        else:
+            self._queue.push(queued_job(job))
+            self._wake.set()
+        logger.info("Job %s re-queued at priority %d (countdown %.0f s)", job_id, priority, countdown_s)
         return job.model_dump()
 
     async def wait(self, job_id: str, timeout_s: float) -> str:
         """Wait until the job ends or `timeout_s` passes; returns its status then."""
-        event = self._finished.setdefault(job_id, asyncio.Event())
         job = await asyncio.to_thread(self._jobs.get, job_id)
+        event = self._finished.setdefault(job_id, asyncio.Event())
         if not JobStatus(job.status).is_terminal:
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
@@ -128,28 +183,43 @@ class JobRouter:
             self._finished.pop(job_id, None)
         return job.status
 
-    async def heartbeat(self, replica_id: str, slots: int, details: dict[str, Any]) -> None:
-        known = replica_id in self._workers
-        self._workers[replica_id] = WorkerInfo(replica_id, slots, time.monotonic(), details)
-        if not known:
-            logger.info("Worker replica %s joined with %d slot(s)", replica_id, slots)
-            self._wake.set()
+    async def heartbeat(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> ReplicaDirectives:
+        if self._pool.report(replica_id, slots, snapshot):
+            logger.info("Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot["mode"], snapshot["health"])
+        # A report may bring capacity back: held jobs then run at once, not at their retry time.
+        self._wake.set()
+        return self._pool.directives(replica_id)
+
+    async def set_maintenance(self, replica_id: str | None, enabled: bool) -> list[dict[str, Any]]:
+        """Drain one replica (or all, with None): running jobs finish, no new ones start there."""
+        if replica_id is not None and replica_id not in self._pool:
+            raise KeyError(f"no worker replica {replica_id}")
+        self._pool.set_maintenance(replica_id, enabled)
+        logger.warning("Maintenance %s for %s", "on" if enabled else "off", replica_id or "all replicas")
+        self._wake.set()
+        return self._pool.describe()
+
+    async def set_faults(self, replica_id: str | None, faults: InjectedFaults | None) -> list[dict[str, Any]]:
+        """Drills and tests: what replicas started with SEIDRA_FAULT_INJECTION=1 should pretend."""
+        self._pool.set_faults(replica_id, faults)
+        logger.warning("Injected faults for %s: %s", replica_id or "all replicas", faults)
+        return self._pool.describe()
 
     async def status(self) -> dict[str, Any]:
-        self._expire_workers()
+        self._pool.expire()
+        held_by_lane = {lane.value: 0 for lane in Lane}
+        for queued in self._queue:
+            if queued.job_id in self._next_delay_at:
+                held_by_lane[queued.lane.value] += 1
         return {
             "queues": {lane.value: self._queue.depth(lane) for lane in Lane},
+            "held": held_by_lane,
+            "deferred": len(self._deferred),
             "running": len(self._running),
-            "capacity": self._capacity(),
-            "workers": [
-                {"replica_id": w.replica_id, "slots": w.slots, "seen_s_ago": round(time.monotonic() - w.last_seen, 1), **w.details}
-                for w in self._workers.values()
-            ],
+            "usable_slots": self._pool.usable_slots(),
+            "outage": self._pool.outage_reason(),
+            "workers": self._pool.describe(),
         }
-
-    async def queued_order(self) -> list[str]:
-        """Waiting job ids in dispatch order (for operators and tests)."""
-        return [queued.job_id for queued in self._queue]
 
     # ----- dispatching -----
 
@@ -161,24 +231,30 @@ class JobRouter:
             status=JobStatus.PENDING.value,
         )
 
-    def _capacity(self) -> int:
-        return sum(worker.slots for worker in self._workers.values())
+    def _forget_waiting(self, job_id: str) -> None:
+        self._queue.remove(job_id)
+        self._resume.pop(job_id, None)
+        self._paused.discard(job_id)
+        self._next_delay_at.pop(job_id, None)
+        timer = self._deferred.pop(job_id, None)
+        if timer is not None:
+            timer.cancel()
 
-    def _expire_workers(self) -> None:
-        deadline = time.monotonic() - self._settings.worker_ttl_s
-        for replica_id in [r for r, w in self._workers.items() if w.last_seen < deadline]:
-            logger.warning("Worker replica %s stopped reporting; it no longer counts as capacity", replica_id)
-            del self._workers[replica_id]
+    def _defer(self, job: GenerationJob, countdown_s: float) -> None:
+        def release() -> None:
+            self._deferred.pop(str(job.id), None)
+            self._queue.push(queued_job(job))
+            self._wake.set()
+
+        self._deferred[str(job.id)] = asyncio.get_event_loop().call_later(countdown_s, release)
 
     async def _dispatch_loop(self) -> None:
         while True:
             try:
-                self._expire_workers()
-                while len(self._running) < self._capacity():
-                    queued = self._queue.pop()
-                    if queued is None:
-                        break
-                    await self._start(queued)
+                for replica in self._pool.expire():
+                    logger.warning("Worker replica %s stopped reporting; it no longer counts", replica.replica_id)
+                await self._delay_waiting_jobs()
+                await self._dispatch()
             except Exception:  # the loop must outlive any one failure
                 logger.exception("Dispatch failed; retrying")
             try:
@@ -187,67 +263,147 @@ class JobRouter:
                 pass
             self._wake.clear()
 
-    async def _start(self, queued: QueuedJob) -> None:
+    async def _dispatch(self) -> None:
+        while self._pool.usable_slots() > 0:
+            queued = self._queue.pop()
+            if queued is None:
+                return
+            replica_id = self._pool.assign(queued.job_id)
+            assert replica_id is not None  # there was a usable slot
+            try:
+                await self._start(queued, replica_id)
+            except BaseException:
+                self._pool.release(replica_id, queued.job_id)
+                self._queue.push(queued)
+                raise
+
+    async def _delay_waiting_jobs(self) -> None:
+        """With no usable replica, put waiting jobs on hold, each again when its retry time comes."""
+        reason = self._pool.outage_reason()
+        if reason is None:
+            return
+        now = time.monotonic()
+        for queued in list(self._queue):
+            if self._next_delay_at.get(queued.job_id, 0.0) <= now:
+                await self._hold(queued.job_id, reason, replica_id=None)
+
+    async def _hold(self, job_id: str, reason: str, replica_id: str | None, failure: str | None = None) -> None:
+        """Record a delay on the job (and a failed run, when `failure` is given), notify, and log it."""
+
+        def delay(meta: dict[str, Any]) -> dict[str, Any]:
+            if failure is not None:
+                meta = _count_failure(failure)(meta)
+            retry_after_s = self._backoff.delay_s(delays_so_far(meta) + 1)
+            return held(meta, reason=reason, replica_id=replica_id, retry_after_s=retry_after_s, now=utcnow())
+
+        job = await self._persist(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, edit_metadata=delay)
+        if job is None:
+            try:  # running, or between two slices: back to pending while it waits
+                job = await self._persist(self._jobs.transition, job_id, JobStatus.PENDING, edit_metadata=delay)
+            except IllegalTransition:
+                return  # it ended meanwhile (cancelled)
+            if job_id in self._resume:
+                self._paused.add(job_id)
+        retry_after_s = job.meta["degraded"]["retry_after_seconds"]
+        self._next_delay_at[job_id] = time.monotonic() + retry_after_s
+        logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
+        await self._persist(
+            self._notifications.notify,
+            job_id,
+            Level.WARNING,
+            f"Your image is delayed: no GPU is available ({reason}). It will run as soon as one is; "
+            f"next retry in {retry_after_s} s.",
+        )
+
+    async def _start(self, queued: QueuedJob, replica_id: str) -> None:
         item = self._resume.pop(queued.job_id, None)
-        if item is None:
+        if item is None or queued.job_id in self._paused:
+            self._paused.discard(queued.job_id)
             try:
                 job = await self._persist(
-                    self._jobs.transition, queued.job_id, JobStatus.RUNNING, started_at=utcnow(), count_attempt=True
+                    self._jobs.transition,
+                    queued.job_id,
+                    JobStatus.RUNNING,
+                    count_attempt=item is None,
+                    edit_metadata=lambda meta: resumed(meta, utcnow()),
+                    **({"started_at": utcnow()} if item is None else {}),
                 )
             except IllegalTransition:
+                self._pool.release(replica_id, queued.job_id)
                 return  # cancelled while it waited
-            item = WorkItem(job_id=queued.job_id, params=job_params(job), max_steps=self._settings.steps_per_dispatch)
+            item = item or WorkItem(queued.job_id, job_params(job), max_steps=self._settings.steps_per_dispatch)
+        self._next_delay_at.pop(queued.job_id, None)
+        item = WorkItem(item.job_id, item.params, item.step, item.latents, item.max_steps, replica_id=replica_id)
         self._running[queued.job_id] = asyncio.get_event_loop().create_task(self._run(item, queued))
 
-    async def _persist(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a storage call off the event loop, retrying through outages so no outcome is dropped.
-
-        Refusals (an illegal transition, an unknown job) are answers, not outages: they propagate.
-        """
-        delay_s = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(write, *args, **kwargs)
-            except (IllegalTransition, JobNotFound):
-                raise
-            except Exception:
-                logger.exception("Storage call %s failed; retrying in %.1f s", write.__name__, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
-
     async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
+        assert item.replica_id is not None
+        response = self._worker.advance.remote(item)
         try:
-            result: WorkResult = await self._worker.advance.remote(item)
-        except WORKER_FAULTS as error:
-            await self._requeue_or_fail(queued, f"{type(error).__name__}: {error}")
-        except Exception as error:
-            await self._finish(item.job_id, JobStatus.FAILED, error=f"{type(error).__name__}: {error}")
+            result: WorkResult = await asyncio.wait_for(response, self._settings.inference_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # the replica stops at its next step boundary
+            self._pool.mark_degraded(item.replica_id, GPU_TIMEOUT_REASON, self._settings.degraded_cooldown_s)
+            await self._after_failure(item, queued, GPU_TIMEOUT_REASON, hold=True)
+        except Exception as raised:
+            await self._after_error(item, queued, _cause(raised))
         else:
-            if result.done:
-                await self._finish(
-                    item.job_id,
-                    JobStatus.COMPLETED,
-                    result_key=result.object_key,
-                    metadata_patch={"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)},
-                )
-            else:
-                self._resume[item.job_id] = WorkItem(
-                    item.job_id, item.params, step=result.step, latents=result.latents, max_steps=item.max_steps
-                )
-                self._queue.push(queued)
+            await self._after_result(item, queued, result)
         finally:
             self._running.pop(item.job_id, None)
+            self._pool.release(item.replica_id, item.job_id)
             self._wake.set()
 
-    async def _requeue_or_fail(self, queued: QueuedJob, reason: str) -> None:
-        self._resume.pop(queued.job_id, None)
-        job = await self._persist(self._jobs.get, queued.job_id)
-        if job.attempts >= self._settings.max_attempts:
-            await self._finish(queued.job_id, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts; {reason}")
+    async def _after_error(self, item: WorkItem, queued: QueuedJob, error: BaseException) -> None:
+        if isinstance(error, ReplicaUnavailable):
+            self._pool.note_snapshot(error.replica_id, error.snapshot)
+            await self._hold_running(item, queued, error.snapshot.get("reason") or str(error))
             return
-        logger.warning("Re-queueing job %s: %s", queued.job_id, reason)
-        await self._persist(self._jobs.transition, queued.job_id, JobStatus.PENDING, metadata_patch={"requeued": reason})
+        if isinstance(error, RayActorError):
+            self._pool.forget(item.replica_id)  # type: ignore[arg-type]  # its process is gone
+        await self._after_failure(item, queued, f"{type(error).__name__}: {error}")
+
+    async def _after_result(self, item: WorkItem, queued: QueuedJob, result: WorkResult) -> None:
+        if result.done:
+            await self._finish(
+                item.job_id,
+                JobStatus.COMPLETED,
+                result_key=result.object_key,
+                metadata_patch={"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)},
+            )
+            return
+        self._resume[item.job_id] = WorkItem(
+            item.job_id, item.params, step=result.step, latents=result.latents, max_steps=item.max_steps
+        )
         self._queue.push(queued)
+
+    async def _hold_running(self, item: WorkItem, queued: QueuedJob, reason: str, failure: str | None = None) -> None:
+        # The state before this slice is still good: keep it, so the job resumes where it was.
+        if item.step:
+            self._resume[item.job_id] = item
+        await self._hold(item.job_id, reason, replica_id=item.replica_id, failure=failure)
+        self._queue.push(queued)
+
+    async def _after_failure(self, item: WorkItem, queued: QueuedJob, error: str, hold: bool = False) -> None:
+        """A failed run counts against the job; at `max_attempts` failures the job ends `failed`.
+
+        With `hold` (an inference timeout) the job waits on hold like any job facing a sick GPU.
+        """
+        job = await self._persist(self._jobs.get, item.job_id)
+        failures = job.meta.get("failures", 0) + 1
+        if failures >= self._settings.max_attempts:
+            self._resume.pop(item.job_id, None)
+            await self._finish(
+                item.job_id, JobStatus.FAILED, error=f"failed {failures} times; last: {error}",
+                edit_metadata=_count_failure(error),
+            )  # fmt: skip
+        elif hold:
+            await self._hold_running(item, queued, error, failure=error)
+        else:
+            self._resume.pop(item.job_id, None)  # a run that raised may have left bad state: start over
+            logger.warning("Job %s failed (%d of %d): %s; re-queued", item.job_id, failures, self._settings.max_attempts, error)
+            await self._persist(self._jobs.transition, item.job_id, JobStatus.PENDING, edit_metadata=_count_failure(error))
+            self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
         await self._persist(self._jobs.transition, job_id, status, finished_at=utcnow(), **changes)
@@ -258,6 +414,21 @@ class JobRouter:
         event = self._finished.pop(job_id, None)
         if event is not None:
             event.set()
+
+    async def _persist(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a storage call off the event loop, retrying through outages so no outcome is dropped.
+
+        Only lost connections and locked databases are retried; refusals (an illegal transition, an
+        unknown job) and bugs propagate.
+        """
+        delay_s = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(write, *args, **kwargs)
+            except STORAGE_OUTAGES:
+                logger.exception("Storage call %s failed; retrying in %.1f s", write.__name__, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
 
 
 def get_or_create_router(worker: DeploymentHandle) -> ray.actor.ActorHandle:
@@ -271,6 +442,8 @@ def get_or_create_router(worker: DeploymentHandle) -> ray.actor.ActorHandle:
             get_if_exists=True,
             max_restarts=-1,
             num_cpus=0,
+            # Every ?wait=true request holds one call open; heartbeats must still get through.
+            max_concurrency=10_000,
         )
         .remote(worker)
     )

@@ -17,4 +17,13 @@ class RouterSettings(BaseSettings):
         "realtime jobs overtake batch jobs sooner."
     )
     worker_ttl_s: float = Field(10.0, gt=0, description="A replica silent for this long no longer counts as capacity.")
-    max_attempts: int = Field(3, ge=1, description="Dispatches of a job whose worker died before it is failed.")
+    max_attempts: int = Field(
+        3, ge=1, description="Failed runs (errors, timeouts, dead workers) after which a job ends `failed`."
+    )
+    inference_timeout_s: float = Field(
+        300.0, gt=0, description="A worker call slower than this is a GPU inference timeout: the job is put on hold."
+    )
+    degraded_cooldown_s: float = Field(60.0, ge=0, description="How long an inference timeout keeps a replica degraded.")
+    hold_base_s: float = Field(5.0, gt=0, description="First retry_after_seconds of a held job; doubles with each delay.")
+    hold_cap_s: float = Field(300.0, gt=0, description="Largest retry_after_seconds of a held job.")
+    hold_jitter: float = Field(0.2, ge=0, lt=1, description="retry_after_seconds is spread by +/- this fraction.")

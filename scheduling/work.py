@@ -23,13 +23,17 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """Advance `job_id` from denoising step `step` by at most `max_steps` steps (0: to the end)."""
+    """Advance `job_id` from denoising step `step` by at most `max_steps` steps (0: to the end).
+
+    `replica_id` is the replica the router reserved a slot on; `AssignedReplicaRouter` sends it there.
+    """
 
     job_id: str
     params: GenerationParams
     step: int = 0
     latents: np.ndarray | None = None
     max_steps: int = 0
+    replica_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,28 @@ from deployments.settings import WorkerSettings
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.router import get_or_create_router
-from serve_app.schemas import LIMITS, BatchAccepted, BatchRequest, GenerationRequest, JobView
+from scheduling.directives import Health, InjectedFaults
+from serve_app.schemas import (
+    LIMITS,
+    BatchAccepted,
+    BatchRequest,
+    FaultRequest,
+    GenerationRequest,
+    JobView,
+    MaintenanceRequest,
+    NotificationView,
+)
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobNotFound, JobStore, as_utc
 from storage.models import GenerationJob
+from storage.notifications import Level, NotificationService
 from storage.object_store import ObjectNotFound, open_object_store
 from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "seidra"
+ROUTER_RESTART_RETRY_AFTER_S = 5
 T = TypeVar("T")
 
 api = FastAPI(title="SEIDRA", description="Text-to-image generation on Ray Serve", version="0.1.0")
@@ -57,19 +69,24 @@ async def _router_call(call: Awaitable[T]) -> T:
             raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
         if isinstance(cause, IllegalTransition):
             raise HTTPException(409, str(cause)) from None
-        if isinstance(cause, JobNotFound):
-            raise HTTPException(404, str(cause)) from None
+        if isinstance(cause, (JobNotFound, KeyError)):
+            raise HTTPException(404, str(cause).strip("'\"")) from None
         raise
     except RayActorError:
-        raise HTTPException(503, "the router is restarting; try again shortly", headers={"Retry-After": "5"}) from None
+        raise HTTPException(
+            503, "the router is restarting; try again shortly", headers={"Retry-After": str(ROUTER_RESTART_RETRY_AFTER_S)}
+        ) from None
 
 
-@serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0})
+# The API only awaits the router and the database: many requests (long ?wait=true ones among them)
+# share one replica without blocking /health.
+@serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class SeidraAPI:
     def __init__(self, worker: DeploymentHandle) -> None:
         storage = StorageSettings()
         self._jobs = JobStore(storage.database_url)
+        self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
         self._router = get_or_create_router(worker)
 
@@ -96,8 +113,11 @@ class SeidraAPI:
         [job] = await _router_call(self._router.submit.remote([request.to_job_fields()]))
         if not wait:
             return self._view(job)
-        final = await _router_call(self._router.wait.remote(str(job["id"]), LIMITS.wait_timeout_s))
-        if JobStatus(final).is_terminal:
+        try:
+            final = await self._router.wait.remote(str(job["id"]), LIMITS.wait_timeout_s)
+        except RayActorError:
+            final = None  # the job is stored and queued; only the wait was lost with the router
+        if final is not None and JobStatus(final).is_terminal:
             response.status_code = 200
         return self._view(await self._get(job["id"]))
 
@@ -138,8 +158,45 @@ class SeidraAPI:
 
     @api.delete("/jobs/{job_id}", response_model=JobView)
     async def cancel_job(self, job_id: uuid.UUID) -> JobView:
-        await self._get(job_id)
         return self._view(await _router_call(self._router.cancel.remote(str(job_id))))
+
+    @api.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView)
+    async def retry_job(self, job_id: uuid.UUID, countdown_s: float = Query(0.0, ge=0, le=86_400)) -> JobView:
+        """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`."""
+        return self._view(await _router_call(self._router.retry.remote(str(job_id), countdown_s)))
+
+    @api.get("/notifications", response_model=list[NotificationView])
+    async def list_notifications(
+        self, job_id: uuid.UUID | None = None, level: Level | None = None, limit: int = Query(50, ge=1, le=1000)
+    ) -> list[NotificationView]:
+        rows = await asyncio.to_thread(self._notifications.list, job_id=job_id, level=level, limit=limit)
+        return [NotificationView(**{**row.model_dump(), "created_at": as_utc(row.created_at)}) for row in rows]
+
+    @api.post("/admin/maintenance")
+    async def maintenance(self, request: MaintenanceRequest) -> dict[str, Any]:
+        """Drain one replica or all: running jobs finish, no new ones start there."""
+        workers = await _router_call(self._router.set_maintenance.remote(request.replica_id, request.enabled))
+        return {"workers": workers}
+
+    @api.post("/admin/faults")
+    async def inject_faults(self, request: FaultRequest) -> dict[str, Any]:
+        """Drills and tests only: make replicas report faults. Off unless SEIDRA_FAULT_INJECTION=1."""
+        self._require_fault_injection()
+        faults = InjectedFaults(
+            temperature_c=request.temperature_c,
+            health=Health(request.health) if request.health else None,
+            inference_delay_s=request.inference_delay_s,
+        )
+        return {"workers": await _router_call(self._router.set_faults.remote(request.replica_id, faults))}
+
+    @api.delete("/admin/faults")
+    async def clear_faults(self, replica_id: str | None = None) -> dict[str, Any]:
+        self._require_fault_injection()
+        return {"workers": await _router_call(self._router.set_faults.remote(replica_id, None))}
+
+    def _require_fault_injection(self) -> None:
+        if not WorkerSettings().fault_injection:
+            raise HTTPException(403, "fault injection is disabled; it needs SEIDRA_FAULT_INJECTION=1 (drills and tests only)")
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -161,11 +218,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         raise ValueError(f"build_app takes its settings from SEIDRA_* environment variables, not args: {sorted(args)}")
     from deployments.worker import DiffusionWorker
 
-    worker = WorkerSettings()
-    if not worker.model:
-        raise ValueError("SEIDRA_MODEL is not set: give a diffusers model folder or hub id")
+    worker = WorkerSettings().require_model()
     workers = DiffusionWorker.options(
         num_replicas=worker.num_workers,
-        ray_actor_options={"num_gpus": worker.num_gpus, "num_cpus": worker.worker_num_cpus},
+        # Forced mock mode runs on the CPU: its replicas must not wait for GPUs that are down.
+        ray_actor_options={"num_gpus": 0 if worker.force_mock else worker.num_gpus, "num_cpus": worker.worker_num_cpus},
+        health_check_period_s=worker.health_check_period_s,
+        health_check_timeout_s=worker.health_check_timeout_s,
     ).bind()
     return SeidraAPI.bind(workers)

@@ -16,8 +16,10 @@ from typing import Any
 
 import httpx
 
+from scheduling.lanes import Lane
+from storage.job_status import JobStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 class CliError(Exception):
@@ -61,13 +63,14 @@ def _error_text(response: httpx.Response) -> str:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from deployments.settings import WorkerSettings
-    from serve_app.cluster import ClusterError, UpState, deploy, start_head, stop_head
+    from serve_app.cluster import ClusterError, UpState, deploy, process_started_ticks, start_head, stop_head
     from storage.database import upgrade
     from storage.settings import StorageSettings, seidra_home
 
-    if not WorkerSettings().model:
-        raise CliError("SEIDRA_MODEL is not set: export SEIDRA_MODEL=<model folder or hub id> "
-                       "(for a quick try: seidra make-tiny-model DIR, then SEIDRA_MODEL=DIR)")  # fmt: skip
+    try:
+        WorkerSettings().require_model()
+    except ValueError as error:
+        raise CliError(str(error)) from None
     previous = UpState.load()
     if previous is not None:
         raise CliError(f"SEIDRA is already up at {previous.url} (state in {UpState.path()}); run `seidra down` first")
@@ -86,14 +89,15 @@ def cmd_up(args: argparse.Namespace) -> None:
             stop_head(head_pid)
         raise
     dashboard = f"http://127.0.0.1:{args.dashboard_port}" if head_pid else None
-    UpState(url=url, address=address, dashboard_url=dashboard, head_pid=head_pid).save()
+    started = process_started_ticks(head_pid) if head_pid else None
+    UpState(url=url, address=address, dashboard_url=dashboard, head_pid=head_pid, head_started_ticks=started).save()
     print(f"SEIDRA is up: {url}")
     if dashboard:
         print(f"Ray dashboard: {dashboard}   (ray job submit --address {dashboard} ...)")
 
 
 def cmd_down(_args: argparse.Namespace) -> None:
-    from serve_app.cluster import UpState, stop_head, undeploy
+    from serve_app.cluster import UpState, process_started_ticks, stop_head, undeploy
 
     state = UpState.load()
     if state is None:
@@ -103,7 +107,10 @@ def cmd_down(_args: argparse.Namespace) -> None:
     except Exception as error:  # the cluster may already be gone; the head is still ours to stop
         print(f"warning: could not delete the application cleanly: {error}", file=sys.stderr)
     if state.head_pid is not None:
-        stop_head(state.head_pid)
+        if process_started_ticks(state.head_pid) == state.head_started_ticks:
+            stop_head(state.head_pid)
+        else:
+            print(f"The Ray head that `seidra up` started (pid {state.head_pid}) is no longer running.")
     UpState.forget()
     print("SEIDRA is down" + (" (Ray head stopped)" if state.head_pid else " (the Ray cluster keeps running)"))
 
@@ -116,11 +123,24 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     print(f"SEIDRA at {url}")
     print("queues:  " + ", ".join(f"{lane} {depth}" for lane, depth in status["queues"].items()))
-    print(f"running: {status['running']} of {status['capacity']} worker slot(s)")
+    print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
     print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
+    print("held:    " + ", ".join(f"{lane} {count}" for lane, count in status["held"].items()))
+    if status["outage"]:
+        print(f"OUTAGE:  no usable GPU ({status['outage']})")
     for worker in status["workers"]:
-        print(f"worker {worker['replica_id']}: {worker.get('model')} on {worker.get('device')} "
-              f"({worker.get('dtype')}), {worker['slots']} slot(s), seen {worker['seen_s_ago']} s ago")  # fmt: skip
+        print(worker_line(worker))
+
+
+def worker_line(worker: dict[str, Any]) -> str:
+    gpu = worker.get("gpu") or {}
+    readings = f", GPU {gpu['temperature_c']:.0f} °C" if gpu else ""
+    reason = f" ({worker['reason']})" if worker.get("reason") else ""
+    return (
+        f"worker {worker['replica_id']}: mode={worker['mode']} health={worker['health']}{reason}, "
+        f"{worker.get('model')} on {worker.get('device')}{readings}, "
+        f"{len(worker['running'])}/{worker['slots']} busy, seen {worker['seen_s_ago']} s ago"
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -154,7 +174,7 @@ def wait_for_job(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         job = request("GET", url, f"/jobs/{job_id}")
-        if job["status"] in TERMINAL_STATUSES:
+        if JobStatus(job["status"]).is_terminal:
             return job
         if time.monotonic() > deadline:
             raise CliError(f"job {job_id} is still {job['status']} after {timeout_s:.0f} s")
@@ -187,6 +207,44 @@ def format_jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
     rows += [(str(j["id"]), j["lane"], str(j["priority"]), j["status"], seconds(j), j.get("image_url") or "-") for j in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
+
+
+def cmd_retry(args: argparse.Namespace) -> None:
+    job = request("POST", api_url(args.url), f"/jobs/{args.job_id}/retry", params={"countdown_s": args.countdown})
+    when = f" in {args.countdown:g} s" if args.countdown else ""
+    print(json.dumps(job, indent=2) if args.json else f"{job_line(job)}  (re-queued at priority {job['priority']}{when})")
+
+
+def cmd_maintenance(args: argparse.Namespace) -> None:
+    body = {"enabled": args.state == "on", "replica_id": args.replica}
+    workers = request("POST", api_url(args.url), "/admin/maintenance", json=body)["workers"]
+    print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
+
+
+def cmd_fault(args: argparse.Namespace) -> None:
+    url = api_url(args.url)
+    if args.clear:
+        params = {"replica_id": args.replica} if args.replica else {}
+        workers = request("DELETE", url, "/admin/faults", params=params)["workers"]
+    else:
+        body = {
+            "replica_id": args.replica,
+            "temperature_c": args.temperature,
+            "health": args.health,
+            "inference_delay_s": args.inference_delay,
+        }
+        workers = request("POST", url, "/admin/faults", json=body)["workers"]
+    print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
+
+
+def cmd_notifications(args: argparse.Namespace) -> None:
+    params = {"limit": args.limit, **{k: v for k, v in (("job_id", args.job), ("level", args.level)) if v}}
+    rows = request("GET", api_url(args.url), "/notifications", params=params)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        print(f"{row['created_at']}  {row['level']:<7}  job {row['job_id']}  {row['message']}")
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
@@ -256,9 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
 
     jobs = with_url(command("jobs", cmd_jobs, "List recent jobs."))
-    jobs.add_argument("--status", choices=["pending", "running", "completed", "failed", "cancelled"])
-    jobs.add_argument("--lane", choices=["realtime", "batch"])
+    jobs.add_argument("--status", choices=[status.value for status in JobStatus])
+    jobs.add_argument("--lane", choices=[lane.value for lane in Lane])
     jobs.add_argument("--limit", type=int, default=50)
+
+    retry = with_url(command("retry", cmd_retry, "Queue a failed, cancelled or held job again, at realtime priority."))
+    retry.add_argument("job_id")
+    retry.add_argument("--countdown", type=float, default=0.0, metavar="SECONDS", help="Wait this long before re-queueing.")
+
+    maintenance = with_url(command("maintenance", cmd_maintenance, "Drain worker replicas (running jobs finish) or end it."))
+    maintenance.add_argument("state", choices=["on", "off"])
+    maintenance.add_argument("--replica", help="One replica id (see `seidra status`); default: all of them.")
+
+    fault = with_url(command("fault", cmd_fault, "Drills only (SEIDRA_FAULT_INJECTION=1): make replicas report a fault."))
+    fault.add_argument("--replica", help="One replica id; default: all of them.")
+    fault.add_argument("--temperature", type=float, metavar="CELSIUS", help="Report this GPU temperature.")
+    fault.add_argument("--health", choices=["degraded", "unhealthy"], help="Report this health.")
+    fault.add_argument("--inference-delay", type=float, default=0.0, metavar="SECONDS", help="Slow every denoising step.")
+    fault.add_argument("--clear", action="store_true", help="Remove injected faults.")
+
+    notifications = with_url(command("notifications", cmd_notifications, "User notifications (delays, ...)."))
+    notifications.add_argument("--job", help="Only this job's.")
+    notifications.add_argument("--level", choices=["info", "warning", "error"])
+    notifications.add_argument("--limit", type=int, default=50)
 
     tiny = command("make-tiny-model", cmd_make_tiny_model, "Write a tiny random-weight diffusers pipeline to DIR.")
     tiny.add_argument("dir", type=Path)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ from storage.settings import seidra_home
 SERVE_APP_NAME = "seidra"
 # Settings travel to every replica and to the router through the runtime_env.
 FORWARDED_ENV_PREFIXES = ("SEIDRA_", "HF_", "OTEL_")
+HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
+APP_READY_TIMEOUT_S = 60.0
 
 
 class ClusterError(RuntimeError):
@@ -36,6 +39,8 @@ class UpState:
     address: str
     dashboard_url: str | None
     head_pid: int | None  # set only when `seidra up` started the head itself
+    # With the pid, identifies the process: after a reboot the pid may belong to something else.
+    head_started_ticks: str | None = None
 
     @staticmethod
     def path() -> Path:
@@ -84,8 +89,29 @@ def _ray_executable() -> str:
     return found
 
 
+def process_started_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _check_port_free(port: int, what: str) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise ClusterError(
+                f"{what} port {port} is in use (another Ray cluster?): choose another port or stop that cluster"
+            ) from None
+
+
 def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_file: Path) -> int:
     """Start `ray start --head --block` in a new process group; returns its pid once the GCS answers."""
+    _check_port_free(gcs_port, "GCS")
+    _check_port_free(dashboard_port, "dashboard")
     use_token_auth()
     command = [
         _ray_executable(), "start", "--head", "--block",
@@ -100,15 +126,23 @@ def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fil
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, **forwarded_env()},
         )  # fmt: skip
-    deadline = time.monotonic() + 120
+    try:
+        _wait_for_head(process, dashboard_port, log_file)
+    except BaseException:  # Ctrl-C included: the head lives in its own session and would outlive us
+        stop_head(process.pid)
+        raise
+    return process.pid
+
+
+def _wait_for_head(process: subprocess.Popen[bytes], dashboard_port: int, log_file: Path) -> None:
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ClusterError(f"`ray start --head` exited with code {process.returncode}; see {log_file}")
         if _dashboard_answers(dashboard_port):
-            return process.pid
+            return
         time.sleep(1)
-    stop_head(process.pid)
-    raise ClusterError(f"the Ray head did not come up within 120 s; see {log_file}")
+    raise ClusterError(f"the Ray head did not come up within {HEAD_START_TIMEOUT_S:.0f} s; see {log_file}")
 
 
 def _dashboard_answers(port: int) -> bool:
@@ -161,7 +195,7 @@ def deploy(address: str, http_host: str, http_port: int) -> str:
     finally:
         ray.shutdown()
     url = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', '::') else http_host}:{http_port}"
-    wait_until_healthy(url, timeout_s=60)
+    wait_until_healthy(url, timeout_s=APP_READY_TIMEOUT_S)
     return url
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from scheduling.lanes import DEFAULT_BATCH_PRIORITY, DEFAULT_REALTIME_PRIORITY, parse_priority
 from serve_app.settings import ApiSettings
@@ -26,13 +26,20 @@ class GenerationFields(BaseModel):
     num_inference_steps: int = Field(LIMITS.default_inference_steps, ge=1, le=LIMITS.max_inference_steps)
     guidance_scale: float = Field(LIMITS.default_guidance_scale, ge=0, le=LIMITS.max_guidance_scale)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    priority: int | str | None = Field(None, description="0-9, or high (0), normal (2), low (8).")
+    priority: StrictInt | str | None = Field(None, description="0-9, or high (0), normal (2), low (8).")
 
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
 
     @field_validator("width", "height")
@@ -65,7 +72,7 @@ class BatchRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
     items: list[GenerationFields] = Field(min_length=1, max_length=LIMITS.max_batch_items)
-    priority: int | str = Field(DEFAULT_BATCH_PRIORITY, description="Default for items without their own.")
+    priority: StrictInt | str = Field(DEFAULT_BATCH_PRIORITY, description="Default for items without their own.")
 
     @field_validator("priority")
     @classmethod
@@ -104,3 +111,29 @@ class BatchAccepted(BaseModel):
     batch_id: uuid.UUID
     job_ids: list[uuid.UUID]
     jobs: list[JobView]
+
+
+class MaintenanceRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    enabled: bool
+    replica_id: str | None = Field(None, description="One replica; all of them (and new ones) when absent.")
+
+
+class FaultRequest(BaseModel):
+    """Drills and tests only (SEIDRA_FAULT_INJECTION=1): what the replicas should pretend."""
+
+    model_config = {"extra": "forbid"}
+
+    replica_id: str | None = Field(None, description="One replica; all of them when absent.")
+    temperature_c: float | None = Field(None, ge=0, le=200)
+    health: Literal["degraded", "unhealthy"] | None = None
+    inference_delay_s: float = Field(0.0, ge=0, le=3600, description="Added to every denoising step.")
+
+
+class NotificationView(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID | None
+    level: str
+    message: str
+    created_at: datetime

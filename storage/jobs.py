@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,10 +25,12 @@ class JobNotFound(LookupError):
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every timestamp here is written in UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)
+    """Timestamps in UTC: SQLite hands back naive ones (written in UTC), PostgreSQL the session's zone."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
 
 
 def _uuid(job_id: uuid.UUID | str) -> uuid.UUID:
@@ -91,32 +93,62 @@ class JobStore:
         target: JobStatus,
         *,
         metadata_patch: dict[str, Any] | None = None,
+        edit_metadata: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         count_attempt: bool = False,
         **changes: Any,
     ) -> GenerationJob:
         """Move a job to `target`, setting `changes` (and counting an attempt) in one transaction.
 
-        The row is locked (FOR UPDATE; SQLite serialises writers anyway), so two writers cannot both
-        move a job out of the same status.
+        The row is locked (FOR UPDATE; BEGIN IMMEDIATE on SQLite), so two writers cannot both
+        move a job out of the same status, and `edit_metadata` reads and writes in the same lock.
         """
         with self._session() as session:
-            job = session.exec(
-                select(GenerationJob).where(GenerationJob.id == _uuid(job_id)).with_for_update()
-            ).first()
-            if job is None:
-                raise JobNotFound(job_id)
+            job = self._locked(session, job_id)
             check_transition(str(job.id), JobStatus(job.status), target)
             job.status = target.value
-            for name, value in changes.items():
-                setattr(job, name, value)
             if count_attempt:
                 job.attempts += 1
-            if metadata_patch:
-                job.meta = {**job.meta, **metadata_patch}
-            job.updated_at = utcnow()
-            session.add(job)
-            session.commit()
-            return job
+            return self._save(session, job, changes, metadata_patch, edit_metadata)
+
+    def annotate(
+        self,
+        job_id: uuid.UUID | str,
+        *,
+        while_status: JobStatus,
+        edit_metadata: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **changes: Any,
+    ) -> GenerationJob | None:
+        """Change a job without changing its status, if it still has `while_status`; else None."""
+        with self._session() as session:
+            job = self._locked(session, job_id)
+            if job.status != while_status.value:
+                return None
+            return self._save(session, job, changes, None, edit_metadata)
+
+    @staticmethod
+    def _locked(session: Session, job_id: uuid.UUID | str) -> GenerationJob:
+        job = session.exec(select(GenerationJob).where(GenerationJob.id == _uuid(job_id)).with_for_update()).first()
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    @staticmethod
+    def _save(
+        session: Session,
+        job: GenerationJob,
+        changes: dict[str, Any],
+        metadata_patch: dict[str, Any] | None,
+        edit_metadata: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    ) -> GenerationJob:
+        for name, value in changes.items():
+            setattr(job, name, value)
+        # Always a new dict: SQLAlchemy does not see changes made inside the old one.
+        meta = {**job.meta, **(metadata_patch or {})}
+        job.meta = edit_metadata(meta) if edit_metadata else meta
+        job.updated_at = utcnow()
+        session.add(job)
+        session.commit()
+        return job
 
     def count_by_status(self) -> dict[str, int]:
         query = select(GenerationJob.status, sa.func.count()).group_by(GenerationJob.status)

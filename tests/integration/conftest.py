@@ -122,7 +122,7 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
 def _wait_for_capacity(http: httpx.Client, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if http.get("/status").json()["capacity"] >= 1:
+        if http.get("/status").json()["usable_slots"] >= 1:
             return
         time.sleep(0.2)
     raise AssertionError("no worker replica reported to the router")

@@ -104,7 +104,7 @@ def test_status_shows_queues_and_workers(app: RunningApp) -> None:
     status = app.http.get("/status").json()
     assert set(status["queues"]) == {"realtime", "batch"}
     [worker] = status["workers"]
-    assert (worker["device"], worker["slots"]) == ("cpu", 1)
+    assert (worker["device"], worker["slots"], worker["mode"], worker["health"]) == ("cpu", 1, "cpu", "healthy")
     assert app.http.get("/health").json() == {"status": "ok"}
 
 

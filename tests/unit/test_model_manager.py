@@ -69,14 +69,14 @@ class FakeReader:
         return self.reading
 
 
-def manager(clock: FakeClock, reader: FakeReader, **settings: object) -> ModelManager:
+def manager(clock: FakeClock, reader: FakeReader, cooldown_s: float = 60, **settings: object) -> ModelManager:
     runner = SimpleNamespace(device="cuda", dtype="torch.float16")
-    return ModelManager(WorkerSettings(model="m", **settings), reader, lambda: runner, clock)
+    return ModelManager(WorkerSettings(model="m", **settings), reader, lambda: runner, clock, cooldown_s)
 
 
 def test_a_timeout_degrades_the_replica_for_the_cooldown() -> None:
     clock, reader = FakeClock(), FakeReader(COOL)
-    replica = manager(clock, reader, degraded_cooldown_s=30)
+    replica = manager(clock, reader, cooldown_s=30)
     assert replica.get_status_snapshot()["mode"] == "cuda"
     replica.record_timeout()
     clock.now += 29
