@@ -20,7 +20,7 @@ from deployments.model_manager import ModelManager
 from deployments.nvml import NoGpu, open_gpu_reader
 from deployments.settings import WorkerSettings
 from scheduling.assigned_replica import AssignedReplicaRouter
-from scheduling.directives import ReplicaUnavailable, is_available
+from scheduling.directives import ReplicaUnavailable, can_run
 from scheduling.router import get_router
 from scheduling.work import WorkItem, WorkResult
 from storage.object_store import image_key, open_object_store
@@ -55,13 +55,15 @@ class DiffusionWorker:
         from deployments.pipeline import StepControl
 
         snapshot = self.model_manager.get_status_snapshot()
-        if not is_available(snapshot["mode"], snapshot["health"]):
+        if not can_run(snapshot["mode"], snapshot["health"]):
             raise ReplicaUnavailable(self._replica_id, snapshot)
         faults = self.model_manager.faults
         control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0)
         started = time.perf_counter()
         self._busy += 1
         try:
+            if faults and faults.fail_inference:
+                raise RuntimeError("injected inference failure")
             output = await asyncio.to_thread(self.model_manager.runner.advance, item, control)
             object_key = await self._store_image(item.job_id, output.png)
         except asyncio.CancelledError:

@@ -31,7 +31,13 @@ UNAVAILABLE_HEALTH = frozenset({Health.DEGRADED, Health.UNHEALTHY})
 
 
 def is_available(mode: str, health: str) -> bool:
+    """May the router send new work here?"""
     return Mode(mode) not in UNAVAILABLE_MODES and Health(health) not in UNAVAILABLE_HEALTH
+
+
+def can_run(mode: str, health: str) -> bool:
+    """May a replica run what it was sent? In maintenance it still finishes the jobs it started."""
+    return is_available(mode, health) or (Mode(mode) is Mode.MAINTENANCE and Health(health) is Health.HEALTHY)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class InjectedFaults:
     temperature_c: float | None = None
     health: Health | None = None
     inference_delay_s: float = 0.0
+    fail_inference: bool = False  # every inference raises, as a job that breaks the pipeline would
 
 
 @dataclass(frozen=True)

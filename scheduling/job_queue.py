@@ -37,8 +37,8 @@ class JobQueue(ABC):
         """Remove and return the next job, or None when empty."""
 
     @abstractmethod
-    def remove(self, job_id: str) -> bool:
-        """Drop a waiting job; False when it is not waiting here."""
+    def remove(self, job_id: str) -> QueuedJob | None:
+        """Take a waiting job out of the queue; None when it is not waiting here."""
 
     @abstractmethod
     def __contains__(self, job_id: object) -> bool: ...
@@ -72,8 +72,8 @@ class PriorityJobQueue(JobQueue):
                 return job
         return None
 
-    def remove(self, job_id: str) -> bool:
-        return self._live.pop(job_id, None) is not None
+    def remove(self, job_id: str) -> QueuedJob | None:
+        return self._live.pop(job_id, None)
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._live
@@ -127,8 +127,12 @@ class LaneQueues:
                 return job
         return None
 
-    def remove(self, job_id: str) -> bool:
-        return any(queue.remove(job_id) for queue in self._queues.values())
+    def remove(self, job_id: str) -> QueuedJob | None:
+        for queue in self._queues.values():
+            job = queue.remove(job_id)
+            if job is not None:
+                return job
+        return None
 
     def depth(self, lane: Lane) -> int:
         return len(self._queues[lane])

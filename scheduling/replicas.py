@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduling.directives import InjectedFaults, ReplicaDirectives, is_available
+from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, can_run
 
 
 @dataclass
@@ -77,14 +77,18 @@ class ReplicaPool:
     # ----- usability -----
 
     def unavailable_reason(self, replica: Replica) -> str | None:
-        """Why no new work may go to this replica, or None when it may."""
-        if replica.replica_id in self._maintenance or self._maintenance_all:
-            return "maintenance"
+        """Why no new work may go to this replica, or None when it may.
+
+        A sick replica reports its sickness even in maintenance: "maintenance" means drain, and
+        only a replica that can still run work drains.
+        """
         if self._clock() < replica.degraded_until:
             return replica.degraded_reason
         snapshot = replica.snapshot
-        if not is_available(snapshot["mode"], snapshot["health"]):
+        if not can_run(snapshot["mode"], snapshot["health"]):
             return snapshot.get("reason") or f"mode {snapshot['mode']}, health {snapshot['health']}"
+        if self.directives(replica.replica_id).maintenance or snapshot["mode"] == Mode.MAINTENANCE.value:
+            return "maintenance"
         return None
 
     def assign(self, job_id: str) -> str | None:
@@ -95,6 +99,18 @@ class ReplicaPool:
         chosen = max(candidates, key=lambda r: (r.free_slots(), r.replica_id))
         chosen.running.add(job_id)
         return chosen.replica_id
+
+    def is_draining(self, replica_id: str | None) -> bool:
+        """In maintenance but otherwise fine: it finishes the jobs it started."""
+        replica = self._replicas.get(replica_id) if replica_id else None
+        return replica is not None and self.unavailable_reason(replica) == "maintenance"
+
+    def assign_draining(self, job_id: str, replica_id: str) -> bool:
+        """Let a job continue on the replica that started it while that replica drains."""
+        if not self.is_draining(replica_id) or self._replicas[replica_id].free_slots() <= 0:
+            return False
+        self._replicas[replica_id].running.add(job_id)
+        return True
 
     def release(self, replica_id: str, job_id: str) -> None:
         replica = self._replicas.get(replica_id)

@@ -72,6 +72,8 @@ def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 class JobRouter:
     def __init__(self, worker: DeploymentHandle) -> None:
+        if not logging.getLogger().handlers:  # a Ray actor: give its log lines a time, level and source
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s -- %(message)s")
         self._settings = RouterSettings()
         storage = StorageSettings()
         self._jobs = JobStore(storage.database_url)
@@ -264,6 +266,7 @@ class JobRouter:
             self._wake.clear()
 
     async def _dispatch(self) -> None:
+        await self._continue_draining_jobs()
         while self._pool.usable_slots() > 0:
             queued = self._queue.pop()
             if queued is None:
@@ -277,6 +280,14 @@ class JobRouter:
                 self._queue.push(queued)
                 raise
 
+    async def _continue_draining_jobs(self) -> None:
+        """Maintenance drains a replica: jobs it started finish there, slice after slice."""
+        for job_id, item in list(self._resume.items()):
+            if job_id in self._queue and item.replica_id and self._pool.assign_draining(job_id, item.replica_id):
+                queued = self._queue.remove(job_id)
+                assert queued is not None
+                await self._start(queued, item.replica_id)
+
     async def _delay_waiting_jobs(self) -> None:
         """With no usable replica, put waiting jobs on hold, each again when its retry time comes."""
         reason = self._pool.outage_reason()
@@ -284,7 +295,8 @@ class JobRouter:
             return
         now = time.monotonic()
         for queued in list(self._queue):
-            if self._next_delay_at.get(queued.job_id, 0.0) <= now:
+            draining = queued.job_id in self._resume and self._pool.is_draining(self._resume[queued.job_id].replica_id)
+            if not draining and self._next_delay_at.get(queued.job_id, 0.0) <= now:
                 await self._hold(queued.job_id, reason, replica_id=None)
 
     async def _hold(self, job_id: str, reason: str, replica_id: str | None, failure: str | None = None) -> None:
@@ -372,8 +384,9 @@ class JobRouter:
                 metadata_patch={"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)},
             )
             return
+        # Keeps the replica it ran on: a replica draining for maintenance finishes what it started.
         self._resume[item.job_id] = WorkItem(
-            item.job_id, item.params, step=result.step, latents=result.latents, max_steps=item.max_steps
+            item.job_id, item.params, result.step, result.latents, item.max_steps, replica_id=item.replica_id
         )
         self._queue.push(queued)
 

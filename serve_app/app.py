@@ -186,6 +186,7 @@ class SeidraAPI:
             temperature_c=request.temperature_c,
             health=Health(request.health) if request.health else None,
             inference_delay_s=request.inference_delay_s,
+            fail_inference=request.fail_inference,
         )
         return {"workers": await _router_call(self._router.set_faults.remote(request.replica_id, faults))}
 

@@ -232,6 +232,7 @@ def cmd_fault(args: argparse.Namespace) -> None:
             "temperature_c": args.temperature,
             "health": args.health,
             "inference_delay_s": args.inference_delay,
+            "fail_inference": args.fail_inference,
         }
         workers = request("POST", url, "/admin/faults", json=body)["workers"]
     print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--temperature", type=float, metavar="CELSIUS", help="Report this GPU temperature.")
     fault.add_argument("--health", choices=["degraded", "unhealthy"], help="Report this health.")
     fault.add_argument("--inference-delay", type=float, default=0.0, metavar="SECONDS", help="Slow every denoising step.")
+    fault.add_argument("--fail-inference", action="store_true", help="Make every inference raise an error.")
     fault.add_argument("--clear", action="store_true", help="Remove injected faults.")
 
     notifications = with_url(command("notifications", cmd_notifications, "User notifications (delays, ...)."))

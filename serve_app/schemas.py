@@ -129,6 +129,7 @@ class FaultRequest(BaseModel):
     temperature_c: float | None = Field(None, ge=0, le=200)
     health: Literal["degraded", "unhealthy"] | None = None
     inference_delay_s: float = Field(0.0, ge=0, le=3600, description="Added to every denoising step.")
+    fail_inference: bool = Field(False, description="Every inference raises an error.")
 
 
 class NotificationView(BaseModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.cli import main
-from tests.integration.conftest import RunningApp
+from tests.ray_app import RunningApp
 
 
 def test_submit_wait_then_list_and_status(app: RunningApp, capsys: pytest.CaptureFixture[str]) -> None:

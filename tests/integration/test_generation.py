@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import RunningApp
+from tests.ray_app import RunningApp
 
 
 def started(job: dict) -> datetime:

@@ -67,3 +67,37 @@ def test_loading_needs_a_model() -> None:
 
     with pytest.raises(ValueError, match="SEIDRA_MODEL"):
         DiffusionRunner(WorkerSettings(model=""))
+
+
+def test_forced_mock_mode_runs_on_the_cpu_without_touching_cuda_or_nvml(tiny_model: Path) -> None:
+    import torch
+
+    from deployments.model_manager import ModelManager
+    from deployments.nvml import NoGpu
+    from deployments.pipeline import DiffusionRunner
+    from deployments.settings import WorkerSettings
+
+    settings = WorkerSettings(model=str(tiny_model), device="cuda", dtype="float16", force_mock=True, torch_threads=1)
+    manager = ModelManager(settings, NoGpu(), lambda: DiffusionRunner(settings))
+    snapshot = manager.get_status_snapshot()
+    assert (snapshot["mode"], snapshot["health"], snapshot["device"], snapshot["dtype"]) == ("mock", "healthy", "cpu", "float32")
+    assert not torch.cuda.is_initialized()
+    output = manager.runner.advance(WorkItem("job", PARAMS))
+    assert png_pixels(output.png).shape == (64, 96, 3)
+
+
+def test_schedules_that_cannot_resume_exactly_run_in_one_call() -> None:
+    from deployments.pipeline import _resumes_exactly
+
+    assert _resumes_exactly({"timestep_spacing": "leading"})
+    for flag in ({"use_karras_sigmas": True}, {"interpolation_type": "log_linear"}, {"timestep_type": "continuous"}):
+        assert not _resumes_exactly(flag)
+
+
+def test_a_cancelled_slice_stops_at_the_next_step(runner) -> None:  # type: ignore[no-untyped-def]
+    from deployments.pipeline import Interrupted, StepControl
+
+    control = StepControl()
+    control.cancelled.set()
+    with pytest.raises(Interrupted):
+        runner.advance(WorkItem("job", PARAMS), control)

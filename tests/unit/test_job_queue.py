@@ -58,8 +58,8 @@ def test_removed_jobs_are_never_popped_and_can_come_back() -> None:
     queue = LaneQueues(LIMITS)
     for job in [QueuedJob(2, 1.0, "r1"), QueuedJob(2, 2.0, "r2"), QueuedJob(8, 0.0, "b1")]:
         queue.push(job)
-    assert queue.remove("r1") is True
-    assert queue.remove("r1") is False
+    assert queue.remove("r1") == QueuedJob(2, 1.0, "r1")
+    assert queue.remove("r1") is None
     assert "r1" not in queue and len(queue) == 2
     queue.push(QueuedJob(2, 1.0, "r1"))  # a retried job takes its old place again
     assert drain(queue) == ["r1", "r2", "b1"]

@@ -127,3 +127,11 @@ def test_injected_faults_count_only_when_enabled() -> None:
 def test_forced_mock_mode() -> None:
     replica = manager(FakeClock(), FakeReader(None), force_mock=True)
     assert replica.get_status_snapshot()["mode"] == "mock"
+
+
+def test_a_replica_in_maintenance_still_runs_what_it_was_sent() -> None:
+    from scheduling.directives import can_run
+
+    assert can_run("maintenance", "healthy") and not is_available("maintenance", "healthy")
+    assert not can_run("maintenance", "degraded") and not can_run("degraded", "degraded")
+    assert can_run("cuda", "healthy")

@@ -106,3 +106,17 @@ def test_describe_lists_each_replica() -> None:
         "replica_id": "a", "mode": "cuda", "health": "healthy", "running": ["j"], "seen_s_ago": 1.2,
         "usable": True, "maintenance": False,
     }
+
+
+def test_a_draining_replica_finishes_only_the_jobs_it_started() -> None:
+    pool, _ = pool_with("a")
+    assert pool.assign("started-here") == "a"
+    pool.release("a", "started-here")  # between two step slices
+    pool.set_maintenance("a", True)
+    assert pool.assign("new") is None
+    assert pool.is_draining("a") and not pool.is_draining("gone")
+    assert pool.assign_draining("started-here", "a") is True
+    assert pool.assign_draining("another", "a") is False  # its only slot is taken
+    pool.report("a", 1, HOT)
+    pool.release("a", "started-here")
+    assert pool.assign_draining("started-here", "a") is False  # degraded: not draining any more

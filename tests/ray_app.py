@@ -1,5 +1,7 @@
 """One local Ray cluster for the whole session, running the real application with the tiny model.
 
+Imported by tests/conftest.py, so every test that asks for `app` shares it.
+
 It stores jobs in PostgreSQL and images in S3 when those servers are available (always under CI),
 otherwise in SQLite and a local folder.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,15 @@ from storage.settings import StorageSettings
 
 TEST_ENV = {
     "SEIDRA_TORCH_THREADS": "1",
+    "SEIDRA_FAULT_INJECTION": "1",
+    # Short enough for fault drills, long enough for any 4-step slice of a 64x64 tiny-model job.
+    "SEIDRA_INFERENCE_TIMEOUT_S": "4",
+    "SEIDRA_DEGRADED_COOLDOWN_S": "3",
+    "SEIDRA_HOLD_BASE_S": "1",
+    "SEIDRA_HOLD_CAP_S": "4",
+    "SEIDRA_HEALTH_CHECK_PERIOD_S": "1",
+    "SEIDRA_HEALTH_CHECK_TIMEOUT_S": "10",
+    "SEIDRA_UNHEALTHY_AFTER_FAILURES": "50",
     # Small slices, so that realtime work overtakes batch work within a few steps.
     "SEIDRA_STEPS_PER_DISPATCH": "4",
     "SEIDRA_MAX_BATCH_QUEUE": "20",
@@ -54,6 +65,39 @@ class RunningApp:
         response = self.http.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
         return response.json()
+
+    def status(self) -> dict[str, Any]:
+        return self.http.get("/status").json()
+
+    def notifications(self, job_id: str) -> list[dict[str, Any]]:
+        return self.http.get("/notifications", params={"job_id": job_id}).json()
+
+    def inject(self, **faults: Any) -> None:
+        """Inject faults and wait until the targeted replicas got them (with their next heartbeat)."""
+        response = self.http.post("/admin/faults", json=faults)
+        assert response.status_code == 200, response.text
+        self._wait_for_faults(True, faults.get("replica_id"))
+
+    def clear_faults(self) -> None:
+        assert self.http.delete("/admin/faults").status_code == 200
+        self._wait_for_faults(False, None)
+
+    def _wait_for_faults(self, injected: bool, replica_id: str | None) -> None:
+        def arrived() -> bool:
+            workers = [w for w in self.status()["workers"] if replica_id in (None, w["replica_id"])]
+            return all(w["faults_injected"] is injected for w in workers)
+
+        self.eventually(arrived, f"replicas reporting faults_injected={injected}")
+
+    def eventually(self, check: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
+        """Poll `check` until it returns something truthy."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"not within {timeout_s} s: {what}")
 
     def wait_for(self, job_ids: list[str], statuses: tuple[str, ...] = ("completed",), timeout_s: float = 180) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,168 @@
+"""Degraded GPUs on a local Ray cluster: holds, notifications, resumption, maintenance, retries.
+
+Faults are injected through the admin endpoint (the test cluster runs with
+SEIDRA_FAULT_INJECTION=1). The runbook names this file: `pytest tests/test_generation_fallback.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from storage.database import get_engine
+from storage.settings import StorageSettings
+from tests.ray_app import RunningApp
+
+RUNBOOK_QUERY = """SELECT id, status, metadata->'degraded' AS degraded_info
+FROM generation_jobs
+WHERE status = 'pending' AND metadata->'degraded' IS NOT NULL
+ORDER BY updated_at DESC
+LIMIT 10;"""
+
+
+@pytest.fixture(autouse=True)
+def healthy_afterwards(app: RunningApp) -> Iterator[None]:
+    yield
+    app.clear_faults()
+    app.http.post("/admin/maintenance", json={"enabled": False})
+    app.eventually(lambda: app.status()["usable_slots"] >= 1, "a usable worker again", timeout_s=120)
+
+
+def held_info(app: RunningApp, job_id: str) -> dict[str, Any] | None:
+    job = app.job(job_id)
+    degraded = job["metadata"].get("degraded")
+    return job if job["status"] == "pending" and degraded and "resumed_at" not in degraded else None
+
+
+def router_log_lines() -> list[str]:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [line for path in logs.glob("worker-*") for line in path.read_text(errors="replace").splitlines()]
+
+
+def started(job: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(job["started_at"])
+
+
+def test_gpu_timeout_triggers_degraded_mode(app: RunningApp) -> None:
+    app.inject(inference_delay_s=3)  # 4 steps per call: 12 s, past the 4 s inference timeout
+    job_id = app.submit(prompt="slow GPU", num_inference_steps=4)["id"]
+
+    job = app.eventually(lambda: held_info(app, job_id), "the job put on hold")
+    degraded = job["metadata"]["degraded"]
+    assert degraded["reason"] == "GPU inference timeout"
+    assert degraded["retry_after_seconds"] >= 1
+    [entry] = degraded["history"]
+    assert (entry["reason"], entry["retry_after_seconds"]) == ("GPU inference timeout", degraded["retry_after_seconds"])
+    assert entry["replica_id"] and entry["at"] == degraded["since"]
+
+    [worker] = app.status()["workers"]
+    assert worker["usable"] is False and "GPU inference timeout" in worker["unavailable_reason"]
+    [notification] = app.notifications(job_id)
+    assert notification["level"] == "warning" and "GPU inference timeout" in notification["message"]
+    assert any(f"Delaying job {job_id} due to GPU unavailability" in line for line in app.eventually(router_log_lines, "logs"))
+
+    app.clear_faults()
+    [done] = app.wait_for([job_id])
+    assert done["metadata"]["degraded"]["history"][0]["reason"] == "GPU inference timeout"
+    assert "resumed_at" in done["metadata"]["degraded"]
+    assert done["metadata"]["failures"] == 1
+
+
+def test_priority_queue_requeues_after_gpu_unavailability(app: RunningApp) -> None:
+    app.inject(temperature_c=95)
+    [worker] = app.eventually(lambda: [w for w in app.status()["workers"] if w["mode"] == "degraded"], "a hot GPU")
+    assert (worker["health"], worker["reason"]) == ("degraded", "GPU temperature 95 °C >= 85 °C")
+    assert worker["gpu"]["temperature_c"] == 95
+    assert "GPU temperature 95" in app.status()["outage"]
+
+    batch = [str(job_id) for job_id in app.submit_batch([{"prompt": f"batch {i}"} for i in range(3)])["job_ids"]]
+    realtime = [app.submit(prompt=f"realtime {i}")["id"] for i in range(2)]
+    jobs = batch + realtime
+    app.eventually(lambda: all(held_info(app, job_id) for job_id in jobs), "every job on hold")
+    assert app.status()["held"] == {"realtime": 2, "batch": 3}
+    assert all(len(app.notifications(job_id)) >= 1 for job_id in jobs)
+
+    with get_engine(StorageSettings().database_url).connect() as connection:
+        rows = connection.execute(sa.text(RUNBOOK_QUERY)).all()
+    assert set(jobs) <= {str(row.id) for row in rows}
+
+    app.clear_faults()
+    finished = {job["id"]: job for job in app.wait_for(jobs)}
+    assert all(job["attempts"] == 1 for job in finished.values())  # none lost, none run twice
+    assert all(app.media.exists(job["result_key"]) for job in finished.values())
+    order = sorted(jobs, key=lambda job_id: started(finished[job_id]))
+    assert order == realtime + batch  # realtime first, each lane in its original order
+
+
+def test_maintenance_drains_running_work_and_holds_new_work(app: RunningApp) -> None:
+    long_job = app.submit(prompt="long job", num_inference_steps=80)["id"]
+    app.wait_for([long_job], statuses=("running",), timeout_s=60)
+    response = app.http.post("/admin/maintenance", json={"enabled": True})
+    assert response.status_code == 200
+    app.eventually(lambda: app.status()["workers"][0]["mode"] == "maintenance", "the replica reports maintenance")
+    newcomer = app.submit(prompt="arrives during maintenance")["id"]
+
+    [drained] = app.wait_for([long_job])
+    assert "degraded" not in drained["metadata"]  # it finished where it was, never held
+    held = app.eventually(lambda: held_info(app, newcomer), "the newcomer on hold")
+    assert "maintenance" in held["metadata"]["degraded"]["reason"]
+
+    assert app.http.post("/admin/maintenance", json={"enabled": False}).status_code == 200
+    app.wait_for([newcomer])
+    assert app.http.post("/admin/maintenance", json={"enabled": True, "replica_id": "nope"}).status_code == 404
+
+
+def test_attempts_exhausted_then_retry_with_countdown(app: RunningApp) -> None:
+    app.inject(fail_inference=True)
+    job_id = app.submit_batch([{"prompt": "breaks the pipeline"}])["job_ids"][0]
+    [failed] = app.wait_for([str(job_id)], statuses=("failed",))
+    assert failed["error"] == "failed 3 times; last: RuntimeError: injected inference failure"
+    assert (failed["attempts"], failed["metadata"]["failures"]) == (3, 3)
+
+    app.clear_faults()
+    retried = app.http.post(f"/jobs/{job_id}/retry", params={"countdown_s": 2})
+    assert retried.status_code == 202, retried.text
+    body = retried.json()
+    assert (body["status"], body["lane"], body["priority"], body["error"]) == ("pending", "realtime", 2, None)
+    [done] = app.wait_for([str(job_id)])
+    assert started(done) >= datetime.fromisoformat(body["metadata"]["retry"]["not_before"])
+
+    assert app.http.post(f"/jobs/{job_id}/retry").status_code == 409  # completed stays completed
+    assert app.http.post("/jobs/00000000-0000-0000-0000-000000000000/retry").status_code == 404
+
+
+def test_a_held_job_can_be_retried_at_once(app: RunningApp) -> None:
+    app.inject(temperature_c=99)
+    app.eventually(lambda: app.status()["outage"], "an outage")
+    job_id = app.submit_batch([{"prompt": "held batch job"}])["job_ids"][0]
+    app.eventually(lambda: held_info(app, str(job_id)), "the job on hold")
+    retried = app.http.post(f"/jobs/{job_id}/retry")
+    assert retried.status_code == 202 and retried.json()["lane"] == "realtime"
+    app.clear_faults()
+    app.wait_for([str(job_id)])
+
+
+def test_an_unhealthy_replica_is_replaced_by_serve(app: RunningApp) -> None:
+    [before] = app.status()["workers"]
+    app.inject(health="unhealthy", replica_id=before["replica_id"])
+    app.eventually(
+        lambda: [w for w in app.status()["workers"] if w["replica_id"] != before["replica_id"] and w["usable"]],
+        "a new healthy replica",
+        timeout_s=120,
+    )
+    job_id = app.submit(prompt="after the replacement")["id"]
+    [done] = app.wait_for([job_id])
+    assert done["metadata"]["replica_id"] != before["replica_id"]
+
+
+def test_fault_requests_are_validated(app: RunningApp) -> None:
+    response = app.http.post("/admin/faults", json={"temperature_c": 300})
+    assert response.status_code == 422 and "temperature_c" in response.json()["message"]
+    assert app.http.post("/admin/faults", json={"health": "on fire"}).status_code == 422
