@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit integration clean
+.PHONY: demo test unit drill clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .seidra build *.egg-info
+
+# The GPU-fault drill of docs/gpu-fault-drill.md, on this machine.
+drill: $(STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra} $(BIN)/python -m serve_app.drill

@@ -100,6 +100,8 @@ def process_started_ticks(pid: int) -> str | None:
 
 def _check_port_free(port: int, what: str) -> None:
     with socket.socket() as probe:
+        # As servers do: a port left in TIME_WAIT by a cluster that just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("", port))
         except OSError:

@@ -1,0 +1,110 @@
+"""`make drill`: take a running SEIDRA through an injected GPU fault under mixed load, and back.
+
+It starts SEIDRA with fault injection on (the only place besides the tests that turns it on),
+sends batch work, makes every GPU report 95 °C, sends realtime work during the outage, clears the
+fault, and checks the runbook's promises: every job completes, each delayed job has its history and
+its warning, realtime jobs start before the batch jobs queued earlier, and the replicas' mode and
+health are visible throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+
+from serve_app.cli import format_jobs_table, main as seidra, request, wait_for_job, worker_line
+from serve_app.cluster import UpState
+from serve_app.demo import ensure_model
+
+DRILL_ENV = {
+    "SEIDRA_FAULT_INJECTION": "1",
+    "SEIDRA_STEPS_PER_DISPATCH": "4",
+    "SEIDRA_HEARTBEAT_INTERVAL_S": "1",
+    "SEIDRA_HOLD_BASE_S": "2",
+    "SEIDRA_HOLD_CAP_S": "10",
+}
+OUTAGE_S = 12.0
+JOB = {"width": 128, "height": 128, "num_inference_steps": 24}
+
+
+def show_status(url: str, label: str) -> None:
+    status = request("GET", url, "/status")
+    print(f"[{label}] queues {status['queues']} held {status['held']} running {status['running']}")
+    for worker in status["workers"]:
+        print(f"    {worker_line(worker)}")
+
+
+def run(url: str) -> list[str]:
+    """The drill itself; returns the failed checks."""
+    batch = request("POST", url, "/generation/batch", json={"items": [{"prompt": f"batch {i}", **JOB} for i in range(6)]})
+    batch_ids = [str(job_id) for job_id in batch["job_ids"]]
+    show_status(url, "load")
+    print("\n== Injecting the fault: every GPU reports 95 °C ==")
+    request("POST", url, "/admin/faults", json={"temperature_c": 95})
+    while not request("GET", url, "/status")["outage"]:  # the replicas learn of it with their next heartbeat
+        time.sleep(0.5)
+    deadline = time.monotonic() + OUTAGE_S
+    realtime_ids: list[str] = []
+    while time.monotonic() < deadline:
+        if len(realtime_ids) < 2:
+            realtime_ids.append(request("POST", url, "/generation/single", json={"prompt": "interactive", **JOB})["id"])
+        show_status(url, "outage")
+        time.sleep(3)
+    print("\n== Clearing the fault ==")
+    request("DELETE", url, "/admin/faults")
+    jobs = {job_id: wait_for_job(url, job_id, timeout_s=600) for job_id in batch_ids + realtime_ids}
+    show_status(url, "recovered")
+    return report(url, jobs, batch_ids, realtime_ids)
+
+
+def report(url: str, jobs: dict[str, dict[str, Any]], batch_ids: list[str], realtime_ids: list[str]) -> list[str]:
+    print()
+    print(format_jobs_table(sorted(jobs.values(), key=lambda job: job["started_at"] or "")))
+    failed_checks = []
+    if any(job["status"] != "completed" for job in jobs.values()):
+        failed_checks.append("every job completed")
+    delayed = [job for job in jobs.values() if job["metadata"].get("degraded")]
+    print(f"\n{len(delayed)} job(s) were delayed:")
+    for job in delayed:
+        notes = request("GET", url, "/notifications", params={"job_id": job["id"]})
+        print(f"  {job['id']} ({job['lane']}): {len(job['metadata']['degraded']['history'])} delay(s), {len(notes)} warning(s)")
+        for entry in job["metadata"]["degraded"]["history"]:
+            print(f"      {entry['at']}  retry after {entry['retry_after_seconds']} s  {entry['reason']}")
+        if len(notes) != len(job["metadata"]["degraded"]["history"]) or not all(n["level"] == "warning" for n in notes):
+            failed_checks.append(f"one warning per delay for {job['id']}")
+    if not delayed:
+        failed_checks.append("some jobs were delayed by the outage")
+    overtaken = [
+        (jobs[r], jobs[b])
+        for r in realtime_ids
+        for b in batch_ids
+        if jobs[b]["started_at"] > jobs[r]["created_at"]  # b was still waiting when r arrived
+    ]
+    if any(r["finished_at"] > b["started_at"] for r, b in overtaken):
+        failed_checks.append("realtime jobs ran before the batch jobs queued earlier")
+    print(f"Realtime jobs finished before the {len({b['id'] for _, b in overtaken})} batch job(s) still waiting when they arrived started.")
+    return failed_checks
+
+
+def main() -> int:
+    for key, value in DRILL_ENV.items():
+        os.environ.setdefault(key, value)
+    ensure_model()
+    if seidra(["up"]) != 0:
+        return 1
+    try:
+        failed_checks = run(UpState.load().url)  # type: ignore[union-attr]
+    except Exception as error:  # report, then still bring SEIDRA down
+        print(f"drill aborted: {error}", file=sys.stderr)
+        failed_checks = ["the drill ran to its end"]
+    finally:
+        seidra(["down"])
+    print("\nDrill " + ("PASSED" if not failed_checks else "FAILED: " + "; ".join(failed_checks)))
+    return 1 if failed_checks else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
