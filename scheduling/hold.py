@@ -16,7 +16,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Backoff:
-    """Delay n (1-based) waits min(cap, base * 2**(n-1)) seconds, spread by +/- jitter."""
+    """Delay n (1-based) waits base * 2**(n-1) seconds spread by +/- jitter, never more than the cap."""
 
     base_s: float = 5.0
     cap_s: float = 300.0
@@ -25,7 +25,7 @@ class Backoff:
     def delay_s(self, delay_number: int, rand: Callable[[], float] = random.random) -> int:
         raw = min(self.cap_s, self.base_s * 2 ** (delay_number - 1))
         spread = 1 - self.jitter + 2 * self.jitter * rand()
-        return max(1, round(raw * spread))
+        return max(1, round(min(self.cap_s, raw * spread)))
 
 
 def is_held(metadata: dict[str, Any]) -> bool:

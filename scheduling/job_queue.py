@@ -107,6 +107,7 @@ class LaneQueues:
         self._queues: dict[Lane, JobQueue] = {lane: PriorityJobQueue() for lane in Lane}
         self._limits = dict(limits)
         self._retry_after_s = retry_after_s
+        self.paused: set[Lane] = set()  # an operator stopped dispatching from these lanes
 
     def check_room(self, lane: Lane, count: int = 1) -> None:
         """Raise QueueFullError unless `count` more jobs fit in `lane`."""
@@ -122,6 +123,8 @@ class LaneQueues:
 
     def pop(self) -> QueuedJob | None:
         for lane in Lane:
+            if lane in self.paused:
+                continue
             job = self._queues[lane].pop()
             if job is not None:
                 return job

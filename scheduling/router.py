@@ -201,6 +201,16 @@ class JobRouter:
         self._wake.set()
         return self._pool.describe()
 
+    async def set_lane_paused(self, lane: str, paused: bool) -> list[str]:
+        """Stop or restart dispatching from a lane (what `celery control cancel_consumer` did).
+
+        Its jobs keep their places; the pause lives in this actor and ends if it restarts.
+        """
+        (self._queue.paused.add if paused else self._queue.paused.discard)(Lane(lane))
+        logger.warning("Lane %s %s", lane, "paused" if paused else "resumed")
+        self._wake.set()
+        return sorted(lane.value for lane in self._queue.paused)
+
     async def set_faults(self, replica_id: str | None, faults: InjectedFaults | None) -> list[dict[str, Any]]:
         """Drills and tests: what replicas started with SEIDRA_FAULT_INJECTION=1 should pretend."""
         self._pool.set_faults(replica_id, faults)
@@ -215,6 +225,7 @@ class JobRouter:
                 held_by_lane[queued.lane.value] += 1
         return {
             "queues": {lane.value: self._queue.depth(lane) for lane in Lane},
+            "paused_lanes": sorted(lane.value for lane in self._queue.paused),
             "held": held_by_lane,
             "deferred": len(self._deferred),
             "running": len(self._running),

@@ -32,6 +32,7 @@ from serve_app.schemas import (
     FaultRequest,
     GenerationRequest,
     JobView,
+    LaneRequest,
     MaintenanceRequest,
     NotificationView,
 )
@@ -177,6 +178,11 @@ class SeidraAPI:
         """Drain one replica or all: running jobs finish, no new ones start there."""
         workers = await _router_call(self._router.set_maintenance.remote(request.replica_id, request.enabled))
         return {"workers": workers}
+
+    @api.post("/admin/lanes/{lane}")
+    async def pause_lane(self, lane: Lane, request: LaneRequest) -> dict[str, Any]:
+        """Stop dispatching from a lane (its jobs keep their places) or start again."""
+        return {"paused_lanes": await _router_call(self._router.set_lane_paused.remote(lane.value, request.paused))}
 
     @api.post("/admin/faults")
     async def inject_faults(self, request: FaultRequest) -> dict[str, Any]:

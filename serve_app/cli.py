@@ -126,6 +126,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
     print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
     print("held:    " + ", ".join(f"{lane} {count}" for lane, count in status["held"].items()))
+    if status["paused_lanes"]:
+        print(f"PAUSED:  {', '.join(status['paused_lanes'])} (seidra lane resume LANE)")
     if status["outage"]:
         print(f"OUTAGE:  no usable GPU ({status['outage']})")
     for worker in status["workers"]:
@@ -219,6 +221,12 @@ def cmd_maintenance(args: argparse.Namespace) -> None:
     body = {"enabled": args.state == "on", "replica_id": args.replica}
     workers = request("POST", api_url(args.url), "/admin/maintenance", json=body)["workers"]
     print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
+
+
+def cmd_lane(args: argparse.Namespace) -> None:
+    body = {"paused": args.action == "pause"}
+    paused = request("POST", api_url(args.url), f"/admin/lanes/{args.lane}", json=body)["paused_lanes"]
+    print(f"paused lanes: {', '.join(paused) or 'none'}")
 
 
 def cmd_fault(args: argparse.Namespace) -> None:
@@ -326,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     maintenance = with_url(command("maintenance", cmd_maintenance, "Drain worker replicas (running jobs finish) or end it."))
     maintenance.add_argument("state", choices=["on", "off"])
     maintenance.add_argument("--replica", help="One replica id (see `seidra status`); default: all of them.")
+
+    lane = with_url(command("lane", cmd_lane, "Stop dispatching from a lane (its jobs wait in place) or start again."))
+    lane.add_argument("action", choices=["pause", "resume"])
+    lane.add_argument("lane", choices=[lane.value for lane in Lane])
 
     fault = with_url(command("fault", cmd_fault, "Drills only (SEIDRA_FAULT_INJECTION=1): make replicas report a fault."))
     fault.add_argument("--replica", help="One replica id; default: all of them.")

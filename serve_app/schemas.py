@@ -120,6 +120,12 @@ class MaintenanceRequest(BaseModel):
     replica_id: str | None = Field(None, description="One replica; all of them (and new ones) when absent.")
 
 
+class LaneRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    paused: bool
+
+
 class FaultRequest(BaseModel):
     """Drills and tests only (SEIDRA_FAULT_INJECTION=1): what the replicas should pretend."""
 

@@ -166,3 +166,16 @@ def test_fault_requests_are_validated(app: RunningApp) -> None:
     response = app.http.post("/admin/faults", json={"temperature_c": 300})
     assert response.status_code == 422 and "temperature_c" in response.json()["message"]
     assert app.http.post("/admin/faults", json={"health": "on fire"}).status_code == 422
+
+
+def test_pausing_the_batch_lane_lets_only_realtime_work_run(app: RunningApp) -> None:
+    assert app.http.post("/admin/lanes/batch", json={"paused": True}).json() == {"paused_lanes": ["batch"]}
+    try:
+        batch = str(app.submit_batch([{"prompt": "waits for the lane"}])["job_ids"][0])
+        realtime = app.submit(prompt="runs anyway")["id"]
+        app.wait_for([realtime])
+        assert app.job(batch)["status"] == "pending" and app.status()["paused_lanes"] == ["batch"]
+    finally:
+        assert app.http.post("/admin/lanes/batch", json={"paused": False}).json() == {"paused_lanes": []}
+    app.wait_for([batch])
+    assert app.http.post("/admin/lanes/bulk", json={"paused": True}).status_code == 422

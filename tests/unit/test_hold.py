@@ -20,6 +20,8 @@ def test_jitter_spreads_within_bounds() -> None:
     assert backoff.delay_s(1, rand=lambda: 0.5) == 10
     assert backoff.delay_s(1, rand=lambda: 0.999999) == 12
     assert backoff.delay_s(1, rand=lambda: 0.0) >= 1
+    assert backoff.delay_s(9, rand=lambda: 0.999999) == 300  # jitter never passes the cap
+    assert backoff.delay_s(9, rand=lambda: 0.0) == 240
 
 
 def test_each_delay_appends_history_and_keeps_since() -> None:

@@ -108,3 +108,14 @@ def test_refusals_survive_pickling_across_actor_boundaries() -> None:
     illegal = pickle.loads(pickle.dumps(IllegalTransition("j", JobStatus.COMPLETED, JobStatus.CANCELLED)))
     assert str(illegal) == "job j is completed; it cannot become cancelled"
     assert str(pickle.loads(pickle.dumps(JobNotFound("j")))) == "job j does not exist"
+
+
+def test_a_paused_lane_keeps_its_jobs_and_lets_the_others_run() -> None:
+    queue = LaneQueues(LIMITS)
+    queue.push(QueuedJob(8, 0.0, "batch"))
+    queue.push(QueuedJob(2, 1.0, "realtime"))
+    queue.paused.add(Lane.BATCH)
+    assert queue.pop().job_id == "realtime"
+    assert queue.pop() is None and queue.depth(Lane.BATCH) == 1
+    queue.paused.discard(Lane.BATCH)
+    assert queue.pop().job_id == "batch"
