@@ -82,7 +82,6 @@ class DiffusionWorker:
             job_id=item.job_id,
             replica_id=self._replica_id,
             step=output.step,
-            total_steps=output.total_steps,
             duration_s=duration_s,
             latents=output.latents,
             object_key=object_key,

@@ -96,6 +96,7 @@ class JobRouter:
         self._deferred: dict[str, asyncio.TimerHandle] = {}
         self._finished: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
+        self._admission = asyncio.Lock()
         self._recover()
         # Held in an attribute: the event loop keeps only weak references to its tasks.
         self._loop = asyncio.get_event_loop().create_task(self._dispatch_loop())
@@ -120,13 +121,14 @@ class JobRouter:
     async def submit(self, requests: list[dict[str, Any]], batch_id: str | None = None) -> list[dict[str, Any]]:
         """Store and enqueue jobs, all or none. Raises QueueFullError when a lane is full."""
         jobs = [self._new_job(request, batch_id) for request in requests]
-        for lane in Lane:
-            count = sum(1 for job in jobs if job.lane == lane.value)
-            if count:
-                self._queue.check_room(lane, count)
-        await asyncio.to_thread(self._jobs.add_all, jobs)
-        for job in jobs:
-            self._queue.push(queued_job(job))
+        async with self._admission:  # so two submissions cannot both take the last room in a lane
+            for lane in Lane:
+                count = sum(1 for job in jobs if job.lane == lane.value)
+                if count:
+                    self._queue.check_room(lane, count)
+            await asyncio.to_thread(self._jobs.add_all, jobs)
+            for job in jobs:
+                self._queue.push(queued_job(job))
         self._wake.set()
         return [job.model_dump() for job in jobs]
 

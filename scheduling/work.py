@@ -41,7 +41,6 @@ class WorkResult:
     job_id: str
     replica_id: str
     step: int
-    total_steps: int
     duration_s: float
     # Set while the job is unfinished; the router hands them back in the next WorkItem.
     latents: np.ndarray | None = None
