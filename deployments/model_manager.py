@@ -29,6 +29,7 @@ class ReplicaFacts:
     maintenance: bool
     consecutive_failures: int
     seconds_since_timeout: float | None
+    seconds_stuck: float | None  # a call cancelled by its timeout whose thread still runs
     injected_health: Health | None
 
 
@@ -50,9 +51,9 @@ def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
     if facts.gpu and facts.gpu.ecc_uncorrected_errors:
         return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.gpu.ecc_uncorrected_errors} uncorrectable ECC errors"
     if facts.consecutive_failures >= limits.unhealthy_after_failures:
-        return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.consecutive_failures} consecutive inference failures"
-    if facts.maintenance:
-        return Mode.MAINTENANCE, Health.HEALTHY, "maintenance: finishing running jobs, taking no new ones"
+        return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.consecutive_failures} jobs in a row failed here"
+    if facts.seconds_stuck is not None and facts.seconds_stuck >= limits.degraded_cooldown_s:
+        return Mode.DEGRADED, Health.UNHEALTHY, f"an inference still runs {facts.seconds_stuck:.0f} s after its timeout"
     if facts.gpu and facts.gpu.temperature_c >= limits.max_temperature_c:
         return (
             Mode.DEGRADED,
@@ -66,6 +67,9 @@ def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
         return Mode.DEGRADED, Health.DEGRADED, "GPU inference timeout"
     if facts.injected_health is Health.DEGRADED:
         return Mode.DEGRADED, Health.DEGRADED, "injected fault: degraded"
+    # After the sicknesses: maintenance drains only a replica that can still run its jobs.
+    if facts.maintenance:
+        return Mode.MAINTENANCE, Health.HEALTHY, "maintenance: finishing running jobs, taking no new ones"
     return facts.base_mode, Health.HEALTHY, ""
 
 
@@ -88,8 +92,10 @@ class ModelManager:
         self.runner: Any = None
         self._load_error: str | None = None
         self._last_inference_s: float | None = None
-        self._consecutive_failures = 0
+        # Distinct jobs that failed in a row: one broken job retried here must not condemn the GPU.
+        self._failing_jobs: set[str] = set()
         self._last_timeout_at: float | None = None
+        self._cancelled_call_at: float | None = None
         try:
             self.runner = load_pipeline()
         except Exception as error:  # reported as `offline`; Serve replaces the unhealthy replica
@@ -107,13 +113,16 @@ class ModelManager:
 
     def record_success(self, duration_s: float) -> None:
         self._last_inference_s = duration_s
-        self._consecutive_failures = 0
+        self._failing_jobs.clear()
 
-    def record_failure(self) -> None:
-        self._consecutive_failures += 1
+    def record_failure(self, job_id: str) -> None:
+        self._failing_jobs.add(job_id)
 
     def record_timeout(self) -> None:
-        self._last_timeout_at = self._clock()
+        self._last_timeout_at = self._cancelled_call_at = self._clock()
+
+    def record_call_ended(self) -> None:
+        self._cancelled_call_at = None
 
     def _gpu(self) -> tuple[GpuReading | None, str | None]:
         try:
@@ -128,7 +137,8 @@ class ModelManager:
     def get_status_snapshot(self) -> dict[str, Any]:
         gpu, gpu_error = self._gpu()
         faults = self.faults
-        since_timeout = None if self._last_timeout_at is None else self._clock() - self._last_timeout_at
+        now = self._clock()
+        since_timeout = None if self._last_timeout_at is None else now - self._last_timeout_at
         facts = ReplicaFacts(
             base_mode=self.base_mode,
             loaded=self.runner is not None,
@@ -136,8 +146,9 @@ class ModelManager:
             gpu=gpu,
             gpu_error=gpu_error,
             maintenance=self.directives.maintenance,
-            consecutive_failures=self._consecutive_failures,
+            consecutive_failures=len(self._failing_jobs),
             seconds_since_timeout=since_timeout,
+            seconds_stuck=None if self._cancelled_call_at is None else now - self._cancelled_call_at,
             injected_health=faults.health if faults else None,
         )
         mode, health, reason = assess(facts, self._limits)
@@ -149,7 +160,7 @@ class ModelManager:
             "device": getattr(self.runner, "device", None),
             "dtype": str(getattr(self.runner, "dtype", "")).removeprefix("torch.") or None,
             "last_inference_s": self._last_inference_s,
-            "consecutive_failures": self._consecutive_failures,
+            "consecutive_failures": len(self._failing_jobs),
             "gpu": gpu.as_dict() if gpu else None,
             "faults_injected": faults is not None,
         }

@@ -48,7 +48,7 @@ class DiffusionWorker:
         self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
         self._store = open_object_store(StorageSettings())
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._busy = 0  # calls in progress, reported so a restarted router does not overbook
+        self._running_jobs: set[str] = set()  # reported, so a restarted router does not overbook
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
     async def advance(self, item: WorkItem) -> WorkResult:
@@ -60,11 +60,10 @@ class DiffusionWorker:
         faults = self.model_manager.faults
         control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0)
         started = time.perf_counter()
-        self._busy += 1
         try:
             if faults and faults.fail_inference:
                 raise RuntimeError("injected inference failure")
-            output = await asyncio.to_thread(self.model_manager.runner.advance, item, control)
+            output = await asyncio.shield(self._start_inference(item, control))
             object_key = await self._store_image(item.job_id, output.png)
         except asyncio.CancelledError:
             # The router gave up on this call (inference timeout): stop at the next step boundary.
@@ -72,10 +71,8 @@ class DiffusionWorker:
             self.model_manager.record_timeout()
             raise
         except Exception:
-            self.model_manager.record_failure()
+            self.model_manager.record_failure(item.job_id)
             raise
-        finally:
-            self._busy -= 1
         duration_s = time.perf_counter() - started
         self.model_manager.record_success(duration_s)
         return WorkResult(
@@ -87,6 +84,19 @@ class DiffusionWorker:
             object_key=object_key,
         )
 
+    def _start_inference(self, item: WorkItem, control: Any) -> asyncio.Future[Any]:
+        """The pipeline call in a thread; the job counts as running here until the thread ends,
+        even after the router gave up on it, so that nobody sends this replica more work meanwhile."""
+        self._running_jobs.add(item.job_id)
+        work = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner.advance, item, control))
+
+        def ended(_: asyncio.Future[Any]) -> None:
+            self._running_jobs.discard(item.job_id)
+            self.model_manager.record_call_ended()
+
+        work.add_done_callback(ended)
+        return work
+
     async def _store_image(self, job_id: str, png: bytes | None) -> str | None:
         if png is None:
             return None
@@ -95,7 +105,7 @@ class DiffusionWorker:
         return key
 
     def get_status_snapshot(self) -> dict[str, Any]:
-        return {**self.model_manager.get_status_snapshot(), "busy": self._busy}
+        return {**self.model_manager.get_status_snapshot(), "running_jobs": sorted(self._running_jobs)}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose health check raises."""

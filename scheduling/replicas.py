@@ -21,15 +21,17 @@ class Replica:
     slots: int
     last_seen: float
     snapshot: dict[str, Any]
-    running: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)  # reserved by this router
+    # What the replica said it runs, at its last report; calls of a previous router included.
+    reported_running: set[str] = field(default_factory=set)
     # What the router saw itself (an inference timeout), until the replica's own reports agree.
     degraded_until: float = 0.0
     degraded_reason: str = ""
 
     def free_slots(self) -> int:
-        # The replica's own count covers calls this router did not send: a previous router's,
+        # The replica's own list covers calls this router did not send: a previous router's,
         # still running after a restart.
-        return self.slots - max(len(self.running), self.snapshot.get("busy", 0))
+        return self.slots - len(self.running | self.reported_running)
 
 
 class ReplicaPool:
@@ -40,16 +42,20 @@ class ReplicaPool:
         self._maintenance: set[str] = set()
         self._maintenance_all = False
         self._faults: dict[str, InjectedFaults] = {}  # "*" targets every replica
+        self._seen_any = False
 
     # ----- reports -----
 
     def report(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> bool:
         """Record a heartbeat; True when the replica is new."""
+        self._seen_any = True
+        running = set(snapshot.get("running_jobs", ()))
         replica = self._replicas.get(replica_id)
         if replica is None:
-            self._replicas[replica_id] = Replica(replica_id, slots, self._clock(), snapshot)
+            self._replicas[replica_id] = Replica(replica_id, slots, self._clock(), snapshot, reported_running=running)
             return True
         replica.slots, replica.last_seen, replica.snapshot = slots, self._clock(), snapshot
+        replica.reported_running = running
         return False
 
     def note_snapshot(self, replica_id: str, snapshot: dict[str, Any]) -> None:
@@ -116,17 +122,19 @@ class ReplicaPool:
         replica = self._replicas.get(replica_id)
         if replica is not None:
             replica.running.discard(job_id)
+            replica.reported_running.discard(job_id)  # it answered: the next report will agree
 
     def usable_slots(self) -> int:
         return sum(r.free_slots() for r in self._replicas.values() if self.unavailable_reason(r) is None)
 
     def outage_reason(self) -> str | None:
-        """Why nothing can run when replicas exist but none is usable; None otherwise.
+        """Why nothing can run when no replica is usable; None otherwise.
 
-        With no replica at all (start-up, scaled to zero) there is nothing to say about GPU health.
+        Before any replica has reported (start-up) there is nothing to say about GPU health; once
+        some have, losing them all (a node lost, replicas crashing) is an outage too.
         """
         if not self._replicas:
-            return None
+            return "no worker replica is reporting" if self._seen_any else None
         reasons = {rid: self.unavailable_reason(replica) for rid, replica in self._replicas.items()}
         if any(reason is None for reason in reasons.values()):
             return None

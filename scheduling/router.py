@@ -95,6 +95,9 @@ class JobRouter:
         # Retries with a countdown: not in the queue until their timer fires.
         self._deferred: dict[str, asyncio.TimerHandle] = {}
         self._finished: dict[str, asyncio.Event] = {}
+        # Calls in flight, and those cancelled because their replica vanished.
+        self._responses: dict[str, Any] = {}
+        self._lost: set[str] = set()
         self._wake = asyncio.Event()
         self._admission = asyncio.Lock()
         self._recover()
@@ -156,7 +159,8 @@ class JobRouter:
                 "retry": {"requested_at": utcnow().isoformat(), "not_before": not_before.isoformat()},
             },
         }
-        if job.status == JobStatus.PENDING.value and is_held(job.meta) and job_id not in self._running:
+        waiting = job_id in self._queue or job_id in self._deferred
+        if job.status == JobStatus.PENDING.value and is_held(job.meta) and waiting:
             job = await asyncio.to_thread(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, **changes)
             if job is None:
                 raise IllegalTransition(job_id, JobStatus.RUNNING, JobStatus.PENDING)
@@ -175,8 +179,13 @@ class JobRouter:
 
     async def wait(self, job_id: str, timeout_s: float) -> str:
         """Wait until the job ends or `timeout_s` passes; returns its status then."""
-        job = await asyncio.to_thread(self._jobs.get, job_id)
+        # Registered before the read, so an end between the read and the wait is not missed.
         event = self._finished.setdefault(job_id, asyncio.Event())
+        try:
+            job = await asyncio.to_thread(self._jobs.get, job_id)
+        except JobNotFound:
+            self._finished.pop(job_id, None)
+            raise
         if not JobStatus(job.status).is_terminal:
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
@@ -190,6 +199,8 @@ class JobRouter:
     async def heartbeat(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> ReplicaDirectives:
         if self._pool.report(replica_id, slots, snapshot):
             logger.info("Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot["mode"], snapshot["health"])
+            if snapshot["mode"] == "maintenance":  # set before this router (re)started: keep draining
+                self._pool.set_maintenance(replica_id, True)
         # A report may bring capacity back: held jobs then run at once, not at their retry time.
         self._wake.set()
         return self._pool.directives(replica_id)
@@ -266,8 +277,10 @@ class JobRouter:
     async def _dispatch_loop(self) -> None:
         while True:
             try:
-                for replica in self._pool.expire():
+                gone = self._pool.expire()
+                for replica in gone:
                     logger.warning("Worker replica %s stopped reporting; it no longer counts", replica.replica_id)
+                self._cancel_calls({job_id for replica in gone for job_id in replica.running})
                 await self._delay_waiting_jobs()
                 await self._dispatch()
             except Exception:  # the loop must outlive any one failure
@@ -299,7 +312,12 @@ class JobRouter:
             if job_id in self._queue and item.replica_id and self._pool.assign_draining(job_id, item.replica_id):
                 queued = self._queue.remove(job_id)
                 assert queued is not None
-                await self._start(queued, item.replica_id)
+                try:
+                    await self._start(queued, item.replica_id)
+                except BaseException:
+                    self._pool.release(item.replica_id, job_id)
+                    self._queue.push(queued)
+                    raise
 
     async def _delay_waiting_jobs(self) -> None:
         """With no usable replica, put waiting jobs on hold, each again when its retry time comes."""
@@ -308,6 +326,9 @@ class JobRouter:
             return
         now = time.monotonic()
         for queued in list(self._queue):
+            reason = self._pool.outage_reason()
+            if reason is None:
+                return  # a replica came back meanwhile: dispatch instead
             draining = queued.job_id in self._resume and self._pool.is_draining(self._resume[queued.job_id].replica_id)
             if not draining and self._next_delay_at.get(queued.job_id, 0.0) <= now:
                 await self._hold(queued.job_id, reason, replica_id=None)
@@ -324,9 +345,12 @@ class JobRouter:
         job = await self._persist(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, edit_metadata=delay)
         if job is None:
             try:  # running, or between two slices: back to pending while it waits
-                job = await self._persist(self._jobs.transition, job_id, JobStatus.PENDING, edit_metadata=delay)
+                job = await self._persist(
+                    self._jobs.transition, job_id, JobStatus.PENDING, edit_metadata=delay, from_status=JobStatus.RUNNING
+                )
             except IllegalTransition:
-                return  # it ended meanwhile (cancelled)
+                self._forget_waiting(job_id)  # it ended meanwhile (cancelled): nothing to hold
+                return
             if job_id in self._resume:
                 self._paused.add(job_id)
         retry_after_s = job.meta["degraded"]["retry_after_seconds"]
@@ -363,21 +387,52 @@ class JobRouter:
 
     async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
         assert item.replica_id is not None
-        response = self._worker.advance.remote(item)
+        response = None
         try:
+            response = self._worker.advance.remote(item)
+            self._responses[item.job_id] = response
             result: WorkResult = await asyncio.wait_for(response, self._settings.inference_timeout_s)
         except asyncio.TimeoutError:
-            response.cancel()  # the replica stops at its next step boundary
+            response.cancel()  # type: ignore[union-attr]  # the replica stops at its next step boundary
             self._pool.mark_degraded(item.replica_id, GPU_TIMEOUT_REASON, self._settings.degraded_cooldown_s)
             await self._after_failure(item, queued, GPU_TIMEOUT_REASON, hold=True)
         except Exception as raised:
-            await self._after_error(item, queued, _cause(raised))
+            if item.job_id in self._lost:
+                await self._requeue_lost(item, queued)
+            else:
+                await self._after_error(item, queued, _cause(raised))
         else:
             await self._after_result(item, queued, result)
         finally:
+            self._responses.pop(item.job_id, None)
+            self._lost.discard(item.job_id)
             self._running.pop(item.job_id, None)
             self._pool.release(item.replica_id, item.job_id)
             self._wake.set()
+
+    def _cancel_calls(self, job_ids: set[str]) -> None:
+        """Calls to a replica that stopped reporting will not be answered: their jobs go back."""
+        for job_id in job_ids & self._responses.keys():
+            self._lost.add(job_id)
+            self._responses[job_id].cancel()
+
+    async def _requeue_lost(self, item: WorkItem, queued: QueuedJob) -> None:
+        """Not the job's fault: it goes back to its place, from its last good state, uncounted."""
+        logger.warning("Job %s lost its replica %s; re-queued", item.job_id, item.replica_id)
+        if item.step:
+            self._resume[item.job_id] = item
+        elif not await self._back_to_pending(item.job_id, {"requeued": f"replica {item.replica_id} stopped reporting"}):
+            return
+        self._queue.push(queued)
+
+    async def _back_to_pending(self, job_id: str, patch: dict[str, Any]) -> bool:
+        try:
+            await self._persist(
+                self._jobs.transition, job_id, JobStatus.PENDING, metadata_patch=patch, from_status=JobStatus.RUNNING
+            )
+        except IllegalTransition:
+            return False
+        return True
 
     async def _after_error(self, item: WorkItem, queued: QueuedJob, error: BaseException) -> None:
         if isinstance(error, ReplicaUnavailable):
@@ -428,11 +483,16 @@ class JobRouter:
         else:
             self._resume.pop(item.job_id, None)  # a run that raised may have left bad state: start over
             logger.warning("Job %s failed (%d of %d): %s; re-queued", item.job_id, failures, self._settings.max_attempts, error)
-            await self._persist(self._jobs.transition, item.job_id, JobStatus.PENDING, edit_metadata=_count_failure(error))
+            await self._persist(
+                self._jobs.transition, item.job_id, JobStatus.PENDING,
+                edit_metadata=_count_failure(error), from_status=JobStatus.RUNNING,
+            )  # fmt: skip
             self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        await self._persist(self._jobs.transition, job_id, status, finished_at=utcnow(), **changes)
+        await self._persist(
+            self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
+        )
         logger.info("Job %s %s", job_id, status.value)
         self._mark_finished(job_id)
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from storage.database import get_engine
-from storage.job_status import JobStatus, check_transition
+from storage.job_status import IllegalTransition, JobStatus, check_transition
 from storage.models import GenerationJob, utcnow
 
 
@@ -95,16 +95,22 @@ class JobStore:
         metadata_patch: dict[str, Any] | None = None,
         edit_metadata: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         count_attempt: bool = False,
+        from_status: JobStatus | None = None,
         **changes: Any,
     ) -> GenerationJob:
         """Move a job to `target`, setting `changes` (and counting an attempt) in one transaction.
 
-        The row is locked (FOR UPDATE; BEGIN IMMEDIATE on SQLite), so two writers cannot both
-        move a job out of the same status, and `edit_metadata` reads and writes in the same lock.
+        With `from_status`, only a job in that status moves (IllegalTransition otherwise): the
+        caller's belief about the job is checked, not just the state machine. The row is locked
+        (FOR UPDATE; BEGIN IMMEDIATE on SQLite), so two writers cannot both move a job out of the
+        same status, and `edit_metadata` reads and writes in the same lock.
         """
         with self._session() as session:
             job = self._locked(session, job_id)
-            check_transition(str(job.id), JobStatus(job.status), target)
+            current = JobStatus(job.status)
+            if from_status is not None and current is not from_status:
+                raise IllegalTransition(str(job.id), current, target)
+            check_transition(str(job.id), current, target)
             job.status = target.value
             if count_attempt:
                 job.attempts += 1

@@ -56,23 +56,24 @@ def test_gpu_timeout_triggers_degraded_mode(app: RunningApp) -> None:
 
     job = app.eventually(lambda: held_info(app, job_id), "the job put on hold")
     degraded = job["metadata"]["degraded"]
-    assert degraded["reason"] == "GPU inference timeout"
     assert degraded["retry_after_seconds"] >= 1
-    [entry] = degraded["history"]
-    assert (entry["reason"], entry["retry_after_seconds"]) == ("GPU inference timeout", degraded["retry_after_seconds"])
-    assert entry["replica_id"] and entry["at"] == degraded["since"]
+    first = degraded["history"][0]  # later delays may follow while the replica cools down
+    assert (first["reason"], first["at"]) == ("GPU inference timeout", degraded["since"])
+    assert first["replica_id"] and first["retry_after_seconds"] >= 1
+    assert len(degraded["history"]) == len(app.notifications(job_id))  # one warning per delay
 
     [worker] = app.status()["workers"]
-    assert worker["usable"] is False and "GPU inference timeout" in worker["unavailable_reason"]
-    [notification] = app.notifications(job_id)
+    assert worker["usable"] is False
+    notification = app.notifications(job_id)[-1]  # the oldest: newest first
     assert notification["level"] == "warning" and "GPU inference timeout" in notification["message"]
-    assert any(f"Delaying job {job_id} due to GPU unavailability" in line for line in app.eventually(router_log_lines, "logs"))
+    line = f"Delaying job {job_id} due to GPU unavailability: GPU inference timeout"
+    app.eventually(lambda: any(line in logged for logged in router_log_lines()), "the delay in the router's log")
 
     app.clear_faults()
     [done] = app.wait_for([job_id])
     assert done["metadata"]["degraded"]["history"][0]["reason"] == "GPU inference timeout"
     assert "resumed_at" in done["metadata"]["degraded"]
-    assert done["metadata"]["failures"] == 1
+    assert done["metadata"]["failures"] >= 1
 
 
 def test_priority_queue_requeues_after_gpu_unavailability(app: RunningApp) -> None:
@@ -102,6 +103,7 @@ def test_priority_queue_requeues_after_gpu_unavailability(app: RunningApp) -> No
 
 
 def test_maintenance_drains_running_work_and_holds_new_work(app: RunningApp) -> None:
+    app.inject(inference_delay_s=0.1)  # 80 steps: 8 s at least, in 4-step calls well inside the timeout
     long_job = app.submit(prompt="long job", num_inference_steps=80)["id"]
     app.wait_for([long_job], statuses=("running",), timeout_s=60)
     response = app.http.post("/admin/maintenance", json={"enabled": True})
@@ -111,6 +113,7 @@ def test_maintenance_drains_running_work_and_holds_new_work(app: RunningApp) -> 
 
     [drained] = app.wait_for([long_job])
     assert "degraded" not in drained["metadata"]  # it finished where it was, never held
+    assert drained["finished_at"] > app.job(newcomer)["created_at"]  # so it ran during maintenance
     held = app.eventually(lambda: held_info(app, newcomer), "the newcomer on hold")
     assert "maintenance" in held["metadata"]["degraded"]["reason"]
 
@@ -138,15 +141,17 @@ def test_attempts_exhausted_then_retry_with_countdown(app: RunningApp) -> None:
     assert app.http.post("/jobs/00000000-0000-0000-0000-000000000000/retry").status_code == 404
 
 
-def test_a_held_job_can_be_retried_at_once(app: RunningApp) -> None:
+def test_a_held_job_retried_moves_ahead_of_older_batch_work(app: RunningApp) -> None:
     app.inject(temperature_c=99)
     app.eventually(lambda: app.status()["outage"], "an outage")
-    job_id = app.submit_batch([{"prompt": "held batch job"}])["job_ids"][0]
-    app.eventually(lambda: held_info(app, str(job_id)), "the job on hold")
-    retried = app.http.post(f"/jobs/{job_id}/retry")
-    assert retried.status_code == 202 and retried.json()["lane"] == "realtime"
+    older, retried_id = [str(j) for j in app.submit_batch([{"prompt": "older"}, {"prompt": "retried"}])["job_ids"]]
+    app.eventually(lambda: held_info(app, older) and held_info(app, retried_id), "both jobs on hold")
+    retried = app.http.post(f"/jobs/{retried_id}/retry")
+    assert retried.status_code == 202 and (retried.json()["lane"], retried.json()["priority"]) == ("realtime", 2)
     app.clear_faults()
-    app.wait_for([str(job_id)])
+    jobs = {job["id"]: job for job in app.wait_for([older, retried_id])}
+    assert started(jobs[retried_id]) < started(jobs[older])
+    assert jobs[retried_id]["attempts"] == 1
 
 
 def test_an_unhealthy_replica_is_replaced_by_serve(app: RunningApp) -> None:

@@ -16,7 +16,7 @@ LIMITS = Thresholds(max_temperature_c=85, unhealthy_after_failures=3, degraded_c
 COOL = GpuReading(index=0, name="H100", temperature_c=60, utilization_pct=90, memory_used_mb=1, memory_total_mb=2)
 FINE = ReplicaFacts(
     base_mode=Mode.CUDA, loaded=True, load_error=None, gpu=COOL, gpu_error=None, maintenance=False,
-    consecutive_failures=0, seconds_since_timeout=None, injected_health=None,
+    consecutive_failures=0, seconds_since_timeout=None, seconds_stuck=None, injected_health=None,
 )  # fmt: skip
 
 
@@ -33,9 +33,12 @@ FINE = ReplicaFacts(
         ({"seconds_since_timeout": 59.0}, (Mode.DEGRADED, Health.DEGRADED, "GPU inference timeout")),
         ({"seconds_since_timeout": 60.0}, (Mode.CUDA, Health.HEALTHY, "")),
         ({"consecutive_failures": 2}, (Mode.CUDA, Health.HEALTHY, "")),
-        ({"consecutive_failures": 3}, (Mode.DEGRADED, Health.UNHEALTHY, "3 consecutive inference failures")),
+        ({"consecutive_failures": 3}, (Mode.DEGRADED, Health.UNHEALTHY, "3 jobs in a row failed here")),
         ({"maintenance": True}, (Mode.MAINTENANCE, Health.HEALTHY, "maintenance: finishing running jobs, taking no new ones")),
-        ({"maintenance": True, "consecutive_failures": 3}, (Mode.DEGRADED, Health.UNHEALTHY, "3 consecutive inference failures")),
+        ({"maintenance": True, "consecutive_failures": 3}, (Mode.DEGRADED, Health.UNHEALTHY, "3 jobs in a row failed here")),
+        ({"maintenance": True, "gpu": replace(COOL, temperature_c=95)}, (Mode.DEGRADED, Health.DEGRADED, "GPU temperature 95 °C >= 85 °C")),
+        ({"seconds_stuck": 59.0}, (Mode.CUDA, Health.HEALTHY, "")),
+        ({"seconds_stuck": 60.0, "seconds_since_timeout": 60.0}, (Mode.DEGRADED, Health.UNHEALTHY, "an inference still runs 60 s after its timeout")),
         ({"loaded": False, "load_error": "OSError: no such model"}, (Mode.OFFLINE, Health.UNHEALTHY, "model not loaded: OSError: no such model")),
         ({"gpu": None, "gpu_error": "NVML cannot read GPU 0"}, (Mode.OFFLINE, Health.UNHEALTHY, "NVML cannot read GPU 0")),
         ({"injected_health": Health.DEGRADED}, (Mode.DEGRADED, Health.DEGRADED, "injected fault: degraded")),
@@ -79,21 +82,33 @@ def test_a_timeout_degrades_the_replica_for_the_cooldown() -> None:
     replica = manager(clock, reader, cooldown_s=30)
     assert replica.get_status_snapshot()["mode"] == "cuda"
     replica.record_timeout()
+    replica.record_call_ended()  # the cancelled call stopped at its next step
     clock.now += 29
     assert (replica.get_status_snapshot()["mode"], replica.get_status_snapshot()["reason"]) == ("degraded", "GPU inference timeout")
     clock.now += 1
     assert replica.get_status_snapshot()["health"] == "healthy"
 
 
-def test_failures_count_until_a_success() -> None:
+def test_failures_of_distinct_jobs_count_until_a_success() -> None:
     replica = manager(FakeClock(), FakeReader(None), unhealthy_after_failures=2)
-    replica.record_failure()
+    replica.record_failure("a")
     replica.record_success(1.5)
-    replica.record_failure()
+    replica.record_failure("b")
+    replica.record_failure("b")  # the same broken job again says nothing more about the GPU
     assert replica.get_status_snapshot()["health"] == "healthy"
-    replica.record_failure()
+    replica.record_failure("c")
     snapshot = replica.get_status_snapshot()
     assert (snapshot["health"], snapshot["consecutive_failures"], snapshot["last_inference_s"]) == ("unhealthy", 2, 1.5)
+
+
+def test_an_inference_that_outlives_its_timeout_makes_the_replica_unhealthy() -> None:
+    clock = FakeClock()
+    replica = manager(clock, FakeReader(COOL), cooldown_s=30)
+    replica.record_timeout()
+    clock.now += 30
+    assert replica.get_status_snapshot()["health"] == "unhealthy"  # Serve replaces it
+    replica.record_call_ended()
+    assert replica.get_status_snapshot()["health"] == "healthy"
 
 
 def test_a_lost_gpu_makes_the_replica_offline() -> None:

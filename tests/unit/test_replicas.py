@@ -120,3 +120,19 @@ def test_a_draining_replica_finishes_only_the_jobs_it_started() -> None:
     pool.report("a", 1, HOT)
     pool.release("a", "started-here")
     assert pool.assign_draining("started-here", "a") is False  # degraded: not draining any more
+
+
+def test_losing_every_replica_is_an_outage() -> None:
+    pool, clock = pool_with("a")
+    clock.now = 11
+    pool.expire()
+    assert pool.outage_reason() == "no worker replica is reporting"
+
+
+def test_calls_a_replica_reports_count_until_they_end() -> None:
+    pool, _ = pool_with("a", slots=2)
+    pool.report("a", 2, {**HEALTHY, "running_jobs": ["from-the-previous-router"]})
+    assert pool.assign("j1") == "a"
+    assert pool.assign("j2") is None  # one slot is still taken by a call this router never sent
+    pool.release("a", "j1")
+    assert pool.usable_slots() == 1  # released at once, not at the next report
