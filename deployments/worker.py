@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -39,15 +40,17 @@ SLOTS_PER_REPLICA = 1
     request_router_config=RequestRouterConfig(request_router_class=AssignedReplicaRouter),
 )
 class DiffusionWorker:
-    def __init__(self) -> None:
+    def __init__(self, settings_env: dict[str, str]) -> None:
         # Imported here so that building the application does not import torch in the driver.
         from deployments.pipeline import DiffusionRunner
 
+        os.environ.update(settings_env)  # the application's args, before any settings are read
         self._settings = WorkerSettings()
         gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
         self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
         self._store = open_object_store(StorageSettings())
-        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self._replica_id, self._app_name = context.replica_id.unique_id, context.app_name
         self._running_jobs: set[str] = set()  # reported, so a restarted router does not overbook
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
@@ -117,7 +120,7 @@ class DiffusionWorker:
         while True:
             try:
                 snapshot = self.get_status_snapshot()
-                self.model_manager.directives = await get_router().heartbeat.remote(
+                self.model_manager.directives = await get_router(self._app_name).heartbeat.remote(
                     self._replica_id, SLOTS_PER_REPLICA, snapshot
                 )
             except ValueError:

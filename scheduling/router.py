@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -38,7 +39,6 @@ from storage.settings import StorageSettings
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROUTER_NAME = "seidra-router"
 ROUTER_NAMESPACE = "seidra"
 STORAGE_RETRY_MAX_S = 30.0
 STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
@@ -70,8 +70,15 @@ def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda meta: {**meta, "failures": meta.get("failures", 0) + 1, "last_error": error}
 
 
+def router_name(app_name: str) -> str:
+    """One router per Serve application: `seidra-router` for the application `seidra`."""
+    return f"{app_name}-router"
+
+
 class JobRouter:
-    def __init__(self, worker: DeploymentHandle) -> None:
+    def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
+        # The application's settings (Serve application args), before any settings are read.
+        os.environ.update(settings_env)
         if not logging.getLogger().handlers:  # a Ray actor: give its log lines a time, level and source
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s -- %(message)s")
         self._settings = RouterSettings()
@@ -517,12 +524,12 @@ class JobRouter:
                 delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
 
 
-def get_or_create_router(worker: DeploymentHandle) -> ray.actor.ActorHandle:
-    """The router, created on first use; it outlives its creator and restarts after a crash."""
+def get_or_create_router(app_name: str, worker: DeploymentHandle, settings_env: dict[str, str]) -> ray.actor.ActorHandle:
+    """The application's router, created on first use; it outlives its creator and restarts after a crash."""
     return (
         ray.remote(JobRouter)
         .options(
-            name=ROUTER_NAME,
+            name=router_name(app_name),
             namespace=ROUTER_NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
@@ -531,10 +538,10 @@ def get_or_create_router(worker: DeploymentHandle) -> ray.actor.ActorHandle:
             # Every ?wait=true request holds one call open; heartbeats must still get through.
             max_concurrency=10_000,
         )
-        .remote(worker)
+        .remote(worker, settings_env)
     )
 
 
-def get_router() -> ray.actor.ActorHandle:
-    """The running router; raises ValueError when there is none."""
-    return ray.get_actor(ROUTER_NAME, namespace=ROUTER_NAMESPACE)
+def get_router(app_name: str) -> ray.actor.ActorHandle:
+    """The application's running router; raises ValueError when there is none."""
+    return ray.get_actor(router_name(app_name), namespace=ROUTER_NAMESPACE)

@@ -7,6 +7,7 @@ that `serve.ingress` rewrites.
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -24,6 +25,8 @@ from deployments.settings import WorkerSettings
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.router import get_or_create_router
+from scheduling.settings import RouterSettings
+from serve_app.settings import ApiSettings
 from scheduling.directives import Health, InjectedFaults
 from serve_app.schemas import (
     LIMITS,
@@ -84,12 +87,13 @@ async def _router_call(call: Awaitable[T]) -> T:
 @serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class SeidraAPI:
-    def __init__(self, worker: DeploymentHandle) -> None:
+    def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
+        os.environ.update(settings_env)  # the application's args, before any settings are read
         storage = StorageSettings()
         self._jobs = JobStore(storage.database_url)
         self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
-        self._router = get_or_create_router(worker)
+        self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings_env)
 
     def _view(self, job: GenerationJob | dict[str, Any]) -> JobView:
         fields = job if isinstance(job, dict) else job.model_dump()
@@ -216,21 +220,45 @@ class SeidraAPI:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Application builder for `serve run serve_app.app:build_app` and `seidra up`.
+    """Application builder for `serve deploy serve_app/serve_config.yaml`, `serve run` and `seidra up`.
 
-    Settings come from `SEIDRA_*` environment variables (put them in the runtime_env); `args`
-    are accepted for Serve's builder protocol and must be empty.
+    `args` are the application's settings, named as in the README without the `SEIDRA_` prefix
+    (`{"model": "...", "num_gpus": 1}`); they win over `SEIDRA_*` environment variables and reach
+    every replica and the router.
     """
-    if args:
-        raise ValueError(f"build_app takes its settings from SEIDRA_* environment variables, not args: {sorted(args)}")
     from deployments.worker import DiffusionWorker
 
+    settings_env = settings_from_args(args or {})
+    os.environ.update(settings_env)  # so that the options below see them too
     worker = WorkerSettings().require_model()
+    # In the replicas' environment from their start: some settings are read when modules load.
+    runtime_env = {"env_vars": settings_env}
     workers = DiffusionWorker.options(
         num_replicas=worker.num_workers,
-        # Forced mock mode runs on the CPU: its replicas must not wait for GPUs that are down.
-        ray_actor_options={"num_gpus": 0 if worker.force_mock else worker.num_gpus, "num_cpus": worker.worker_num_cpus},
+        ray_actor_options={
+            # Forced mock mode runs on the CPU: its replicas must not wait for GPUs that are down.
+            "num_gpus": 0 if worker.force_mock else worker.num_gpus,
+            "num_cpus": worker.worker_num_cpus,
+            "runtime_env": runtime_env,
+        },
         health_check_period_s=worker.health_check_period_s,
         health_check_timeout_s=worker.health_check_timeout_s,
-    ).bind()
-    return SeidraAPI.bind(workers)
+    ).bind(settings_env)
+    api = SeidraAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+    return api.bind(workers, settings_env)
+
+
+SETTINGS_CLASSES = (StorageSettings, WorkerSettings, RouterSettings, ApiSettings)
+
+
+def settings_from_args(args: dict[str, Any]) -> dict[str, str]:
+    """Application args as `SEIDRA_*` variables; unknown names are refused with the valid ones."""
+    known = {"home"} | {name for cls in SETTINGS_CLASSES for name in cls.model_fields}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown SEIDRA setting(s) in the application args: {unknown}; known: {sorted(known)}")
+    return {f"SEIDRA_{name.upper()}": _env_text(value) for name, value in args.items()}
+
+
+def _env_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

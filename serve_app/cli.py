@@ -83,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         address = f"127.0.0.1:{args.gcs_port}"
     try:
         print(f"Deploying the Serve application on {address}...")
-        url = deploy(address, args.http_host, args.http_port)
+        url = deploy(address, args.http_host, args.http_port, args.timeout)
     except BaseException:
         if head_pid is not None:
             stop_head(head_pid)
@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gcs-port", type=_port, default=6379, help="GCS port of a head started here (default 6379).")
     up.add_argument("--dashboard-port", type=_port, default=8265, help="Dashboard port (default 8265).")
     up.add_argument("--num-cpus", type=int, help="CPUs the local head offers to Ray (default: all).")
+    up.add_argument("--timeout", type=float, default=600, help="Seconds to wait for the app to answer (default 600).")
 
     command("down", cmd_down, "Stop what `seidra up` started, nothing else.")
 

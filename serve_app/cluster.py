@@ -16,17 +16,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 from storage.settings import seidra_home
 
 SERVE_APP_NAME = "seidra"
+SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
 # Settings travel to every replica and to the router through the runtime_env.
 FORWARDED_ENV_PREFIXES = ("SEIDRA_", "HF_", "OTEL_")
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
-APP_READY_TIMEOUT_S = 60.0
+
 
 
 class ClusterError(RuntimeError):
@@ -77,15 +80,15 @@ def use_token_auth() -> None:
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
-    subprocess.run([_ray_executable(), "get-auth-token", "--generate"], check=True, capture_output=True)
+    subprocess.run([_executable("ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _ray_executable() -> str:
-    beside_python = Path(sys.executable).with_name("ray")
-    found = str(beside_python) if beside_python.exists() else shutil.which("ray")
+def _executable(name: str) -> str:
+    beside_python = Path(sys.executable).with_name(name)
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
     if not found:
-        raise ClusterError("the `ray` command is not installed in this environment")
+        raise ClusterError(f"the `{name}` command is not installed in this environment")
     return found
 
 
@@ -116,7 +119,7 @@ def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fil
     _check_port_free(dashboard_port, "dashboard")
     use_token_auth()
     command = [
-        _ray_executable(), "start", "--head", "--block",
+        _executable("ray"), "start", "--head", "--block",
         f"--port={gcs_port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
     ]  # fmt: skip
@@ -182,23 +185,71 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def deploy(address: str, http_host: str, http_port: int) -> str:
-    """Deploy the Serve application on the cluster at `address`; returns its base URL once it answers."""
+def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """The Serve config file, with this shell's SEIDRA_* settings and the HTTP address applied.
+
+    A setting in the environment wins over the same one in the file's application args, so
+    `SEIDRA_MODEL=... seidra up` does what it says. On a cluster without GPUs the workers run on
+    the CPU unless SEIDRA_NUM_GPUS says otherwise.
+    """
+    config = yaml.safe_load(source.read_text())
+    config["http_options"] = {**config.get("http_options", {}), "host": http_host, "port": http_port}
+    [app] = [app for app in config["applications"] if app["name"] == SERVE_APP_NAME]
+    env = forwarded_env()
+    settings = {key.removeprefix("SEIDRA_").lower(): value for key, value in env.items() if key.startswith("SEIDRA_")}
+    if not cluster_gpus:
+        settings.setdefault("num_gpus", "0")
+    app["args"] = {**(app.get("args") or {}), **settings}
+    others = {key: value for key, value in env.items() if not key.startswith("SEIDRA_")}
+    runtime_env = app.setdefault("runtime_env", {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **others}
+    return config
+
+
+def deploy(address: str, http_host: str, http_port: int, timeout_s: float) -> str:
+    """Deploy the Serve config on the cluster at `address`; returns the base URL once it answers."""
     use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
-    from ray import serve
 
-    from serve_app.app import build_app
+    context = ray.init(address=address, log_to_driver=False)
+    dashboard_url = f"http://{context.dashboard_url}"
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    ray.shutdown()
+    if not cluster_gpus:
+        print("No GPU in this Ray cluster: worker replicas run on the CPU.")
+    return deploy_serve_config(dashboard_url, http_host, http_port, cluster_gpus, timeout_s)
 
-    ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": http_host, "port": http_port})
-        serve.run(build_app(), name=SERVE_APP_NAME, route_prefix="/")
-    finally:
-        ray.shutdown()
+
+def deploy_serve_config(dashboard_url: str, http_host: str, http_port: int, cluster_gpus: float, timeout_s: float) -> str:
+    """`serve deploy` the Serve config (with this shell's settings) through the dashboard at `dashboard_url`."""
+    derived = seidra_home() / "run" / "serve_config.yaml"
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    derived.write_text(yaml.safe_dump(serve_config(http_host, http_port, cluster_gpus), sort_keys=False))
+    completed = subprocess.run(
+        [_executable("serve"), "deploy", str(derived), "--address", dashboard_url], capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise ClusterError(f"`serve deploy {derived}` failed: {completed.stderr.strip().splitlines()[-1:]}")
     url = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', '::') else http_host}:{http_port}"
-    wait_until_healthy(url, timeout_s=APP_READY_TIMEOUT_S)
+    wait_until_healthy(url, timeout_s=timeout_s)
+    wait_for_workers(url, timeout_s=timeout_s)
     return url
+
+
+def wait_for_workers(url: str, timeout_s: float) -> None:
+    """Until a worker replica reports to the router (its model loaded), or a clear error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/status", timeout=5).json()["workers"]:
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(1)
+    raise ClusterError(
+        f"no worker replica reported within {timeout_s:.0f} s: see `serve status` "
+        "(not enough GPUs or CPUs for SEIDRA_NUM_GPUS / SEIDRA_WORKER_NUM_CPUS? a model that fails to load?)"
+    )
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:
@@ -225,7 +276,7 @@ def undeploy(address: str) -> None:
     try:
         serve.delete(SERVE_APP_NAME)
         try:
-            ray.kill(get_router(), no_restart=True)
+            ray.kill(get_router(SERVE_APP_NAME), no_restart=True)
         except ValueError:
             pass  # no router: nothing was ever submitted, or it is already gone
     finally:

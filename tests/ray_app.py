@@ -135,7 +135,7 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
     import ray
     from ray import serve
 
-    from serve_app.app import APP_NAME, build_app
+    from serve_app.cluster import deploy_serve_config
     from storage.database import upgrade
 
     env = {
@@ -150,14 +150,17 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
             patch.setenv(key, value)
         storage = StorageSettings()
         upgrade(storage.database_url)
-        port = free_port()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        port, dashboard_port = free_port(), free_port()
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port, log_to_driver=False,
+        )  # fmt: skip
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(), name=APP_NAME, route_prefix="/")
-            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+            # Deployed as operators do: `serve deploy serve_app/serve_config.yaml`, through the dashboard.
+            url = deploy_serve_config(f"http://127.0.0.1:{dashboard_port}", "127.0.0.1", port, 0, timeout_s=180)
+            http = httpx.Client(base_url=url, timeout=60)
             _wait_for_capacity(http)
-            yield RunningApp(f"http://127.0.0.1:{port}", http, JobStore(storage.database_url), open_object_store(storage))
+            yield RunningApp(url, http, JobStore(storage.database_url), open_object_store(storage))
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -112,11 +112,12 @@ def test_the_router_rebuilds_its_queue_from_the_database_after_a_crash(app: Runn
     import ray
 
     from scheduling.router import get_router
+    from serve_app.app import APP_NAME
 
     # Long enough that the first one is still running when the router dies.
     jobs = app.submit_batch([{"prompt": f"survivor {index}", "num_inference_steps": 100} for index in range(4)])["job_ids"]
     app.wait_for([jobs[0]], statuses=("running",), timeout_s=60)
-    ray.kill(get_router(), no_restart=False)  # Ray restarts it: max_restarts=-1
+    ray.kill(get_router(APP_NAME), no_restart=False)  # Ray restarts it: max_restarts=-1
 
     finished = app.wait_for(jobs)
     assert [job["status"] for job in finished] == ["completed"] * 4
