@@ -128,9 +128,18 @@ class JobRouter:
 
     # ----- public methods (called through the actor handle) -----
 
-    async def submit(self, requests: list[dict[str, Any]], batch_id: str | None = None) -> list[dict[str, Any]]:
-        """Store and enqueue jobs, all or none. Raises QueueFullError when a lane is full."""
-        jobs = [self._new_job(request, batch_id) for request in requests]
+    async def submit(
+        self, requests: list[dict[str, Any]], batch_id: str | None = None, job_ids: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Store and enqueue jobs, all or none; returns the new ones. Raises QueueFullError when a lane is full.
+
+        With `job_ids` (one per request) a submission is idempotent: jobs that exist already are
+        left as they are, so a batch submitted again creates nothing twice.
+        """
+        jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, job_ids or [None] * len(requests))]
+        if job_ids:
+            existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
+            jobs = [job for job in jobs if str(job.id) not in existing]
         async with self._admission:  # so two submissions cannot both take the last room in a lane
             for lane in Lane:
                 count = sum(1 for job in jobs if job.lane == lane.value)
@@ -221,6 +230,10 @@ class JobRouter:
         self._wake.set()
         return self._pool.describe()
 
+    async def storage_settings(self) -> dict[str, Any]:
+        """Where this application keeps jobs and images, for batch drivers running in the cluster."""
+        return StorageSettings().model_dump()
+
     async def set_lane_paused(self, lane: str, paused: bool) -> list[str]:
         """Stop or restart dispatching from a lane (what `celery control cancel_consumer` did).
 
@@ -256,9 +269,10 @@ class JobRouter:
 
     # ----- dispatching -----
 
-    def _new_job(self, request: dict[str, Any], batch_id: str | None) -> GenerationJob:
+    def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None) -> GenerationJob:
         return GenerationJob(
             **request,
+            **({"id": uuid.UUID(job_id)} if job_id else {}),
             lane=lane_for(request["priority"]).value,
             batch_id=uuid.UUID(batch_id) if batch_id else None,
             status=JobStatus.PENDING.value,

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,52 @@ def cmd_notifications(args: argparse.Namespace) -> None:
         print(f"{row['created_at']}  {row['level']:<7}  job {row['job_id']}  {row['message']}")
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    """Submit a prompts file as a Ray job running `python -m serve_app.batch` in the cluster."""
+    import shutil
+    import tempfile
+
+    from ray.job_submission import JobStatus as RayJobStatus
+    from ray.job_submission import JobSubmissionClient
+
+    from serve_app.batch import BatchError, read_items
+    from serve_app.cluster import use_token_auth
+
+    try:
+        count = len(read_items(args.file))  # refuse a bad file here, before the cluster sees it
+    except BatchError as error:
+        raise CliError(str(error)) from None
+    batch_id = args.batch_id or str(uuid.uuid4())
+    address = jobs_api_address(args.address)
+    use_token_auth()
+    client = JobSubmissionClient(address)
+    with tempfile.TemporaryDirectory() as upload:  # the job's working dir: the prompts file alone
+        shutil.copy(args.file, upload)
+        entrypoint = f"python -m serve_app.batch {args.file.name} --batch-id {batch_id} --priority {args.priority}"
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": upload})
+    print(f"Batch {batch_id} ({count} prompt(s)) submitted as Ray job {job_id}")
+    print(f"Follow it with: ray job logs -f {job_id} --address {address}")
+    if not args.wait:
+        return
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(2)
+    print(client.get_job_logs(job_id))
+    if status != RayJobStatus.SUCCEEDED:
+        raise CliError(f"Ray job {job_id} ended {status.value}")
+
+
+def jobs_api_address(explicit: str | None) -> str:
+    from serve_app.cluster import UpState
+
+    state = UpState.load()
+    return (
+        explicit
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or (state.dashboard_url if state and state.dashboard_url else None)
+        or "http://127.0.0.1:8265"
+    )
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     from deployments.tiny_model import make_tiny_model
 
@@ -274,6 +321,13 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> None:
 
 
 # ----- argument parsing -----
+
+
+def _batch_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
 def _port(text: str) -> int:
@@ -352,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     notifications.add_argument("--job", help="Only this job's.")
     notifications.add_argument("--level", choices=["info", "warning", "error"])
     notifications.add_argument("--limit", type=int, default=50)
+
+    batch = command("batch", cmd_batch, "Submit a prompts file (JSON Lines or text) as a Ray job.")
+    batch.add_argument("file", type=Path)
+    batch.add_argument("--address", help="Ray Jobs API (dashboard) URL (default: RAY_API_SERVER_ADDRESS, `seidra up`'s, then http://127.0.0.1:8265).")
+    batch.add_argument("--batch-id", type=_batch_id, help="Resume or re-run this batch (default: a new id).")
+    batch.add_argument("--priority", default="low", help="0-9 or high, normal, low (default low).")
+    batch.add_argument("--wait", action="store_true", help="Wait for the Ray job and print its logs.")
 
     tiny = command("make-tiny-model", cmd_make_tiny_model, "Write a tiny random-weight diffusers pipeline to DIR.")
     tiny.add_argument("dir", type=Path)

@@ -84,6 +84,11 @@ def use_token_auth() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _path_with_this_python() -> str:
+    """`ray job submit -- python ...` on this head must find this environment's Python."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _executable(name: str) -> str:
     beside_python = Path(sys.executable).with_name(name)
     found = str(beside_python) if beside_python.exists() else shutil.which(name)
@@ -129,7 +134,7 @@ def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fil
     with log_file.open("ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **forwarded_env()},
+            start_new_session=True, env={**os.environ, **forwarded_env(), "PATH": _path_with_this_python()},
         )  # fmt: skip
     try:
         _wait_for_head(process, dashboard_port, log_file)

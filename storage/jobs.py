@@ -77,6 +77,16 @@ class JobStore:
         with self._session() as session:
             return list(session.exec(query))
 
+    def existing_ids(self, job_ids: Sequence[uuid.UUID | str]) -> set[str]:
+        query = select(GenerationJob.id).where(GenerationJob.id.in_([_uuid(job_id) for job_id in job_ids]))
+        with self._session() as session:
+            return {str(job_id) for job_id in session.exec(query)}
+
+    def for_batch(self, batch_id: uuid.UUID | str) -> list[GenerationJob]:
+        query = select(GenerationJob).where(GenerationJob.batch_id == _uuid(batch_id))
+        with self._session() as session:
+            return list(session.exec(query))
+
     def unfinished(self) -> list[GenerationJob]:
         """Pending and running jobs in dispatch order, to rebuild the router's queue."""
         query = (

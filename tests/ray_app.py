@@ -8,7 +8,9 @@ otherwise in SQLite and a local folder.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,12 +41,16 @@ TEST_ENV = {
     "SEIDRA_HEARTBEAT_INTERVAL_S": "0.5",
     "SEIDRA_WORKER_TTL_S": "3",
     "SEIDRA_MIN_IMAGE_SIZE": "32",
+    # Requests without sizes (plain-text batch lines) stay small enough for the 4 s timeout.
+    "SEIDRA_DEFAULT_IMAGE_SIZE": "64",
+    "SEIDRA_DEFAULT_INFERENCE_STEPS": "8",
 }
 
 
 @dataclass
 class RunningApp:
     url: str
+    dashboard_url: str
     http: httpx.Client
     jobs: JobStore
     media: ObjectStore
@@ -148,6 +154,8 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
+        # As `seidra up` does for its head: `ray job submit -- python ...` finds this environment.
+        patch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         storage = StorageSettings()
         upgrade(storage.database_url)
         port, dashboard_port = free_port(), free_port()
@@ -160,7 +168,8 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
             url = deploy_serve_config(f"http://127.0.0.1:{dashboard_port}", "127.0.0.1", port, 0, timeout_s=180)
             http = httpx.Client(base_url=url, timeout=60)
             _wait_for_capacity(http)
-            yield RunningApp(url, http, JobStore(storage.database_url), open_object_store(storage))
+            dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+            yield RunningApp(url, dashboard_url, http, JobStore(storage.database_url), open_object_store(storage))
         finally:
             serve.shutdown()
             ray.shutdown()
