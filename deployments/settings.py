@@ -18,7 +18,13 @@ class WorkerSettings(BaseSettings):
     )
     num_gpus: float = Field(0, ge=0, description="GPUs reserved by each worker replica (1 on GPU clusters).")
     worker_num_cpus: float = Field(1, ge=0, description="CPUs reserved by each worker replica.")
-    num_workers: int = Field(1, ge=1, description="Worker replicas.")
+    num_workers: int = Field(1, ge=0, description="Worker replicas; with max_workers, the fewest.")
+    max_workers: int = Field(
+        0, ge=0, description="Above num_workers: replicas follow the router's backlog up to this many (0: fixed)."
+    )
+    jobs_per_worker: float = Field(1.0, gt=0, description="Backlog (waiting + running jobs) per replica to aim for.")
+    worker_upscale_delay_s: float = Field(10.0, ge=0, description="How long a bigger backlog lasts before replicas are added.")
+    worker_downscale_delay_s: float = Field(300.0, ge=0, description="How long a smaller backlog lasts before replicas go.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica on CPU; 0 keeps torch's default.")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="How often a replica reports to the router.")
     force_mock: bool = Field(

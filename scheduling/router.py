@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
 from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
 from scheduling.job_queue import LaneQueues, QueuedJob
+from scheduling.names import ROUTER_NAMESPACE, router_name
 from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane, lane_for
 from scheduling.replicas import ReplicaPool
 from scheduling.settings import RouterSettings
@@ -39,7 +40,6 @@ from storage.settings import StorageSettings
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROUTER_NAMESPACE = "seidra"
 STORAGE_RETRY_MAX_S = 30.0
 STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 GPU_TIMEOUT_REASON = "GPU inference timeout"
@@ -68,11 +68,6 @@ def _cause(error: BaseException) -> BaseException:
 
 def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda meta: {**meta, "failures": meta.get("failures", 0) + 1, "last_error": error}
-
-
-def router_name(app_name: str) -> str:
-    """One router per Serve application: `seidra-router` for the application `seidra`."""
-    return f"{app_name}-router"
 
 
 class JobRouter:
@@ -229,6 +224,10 @@ class JobRouter:
         logger.warning("Maintenance %s for %s", "on" if enabled else "off", replica_id or "all replicas")
         self._wake.set()
         return self._pool.describe()
+
+    async def autoscaling_load(self) -> int:
+        """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
+        return len(self._queue) + len(self._running)
 
     async def storage_settings(self) -> dict[str, Any]:
         """Where this application keeps jobs and images, for batch drivers running in the cluster."""

@@ -234,7 +234,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # In the replicas' environment from their start: some settings are read when modules load.
     runtime_env = {"env_vars": settings_env}
     workers = DiffusionWorker.options(
-        num_replicas=worker.num_workers,
+        **_replicas(worker),
         ray_actor_options={
             # Forced mock mode runs on the CPU: its replicas must not wait for GPUs that are down.
             "num_gpus": 0 if worker.force_mock else worker.num_gpus,
@@ -246,6 +246,24 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ).bind(settings_env)
     api = SeidraAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return api.bind(workers, settings_env)
+
+
+def _replicas(worker: WorkerSettings) -> dict[str, Any]:
+    """A fixed replica count, or one that follows the router's backlog (SEIDRA_MAX_WORKERS)."""
+    if worker.max_workers <= worker.num_workers:
+        return {"num_replicas": worker.num_workers}
+    return {
+        "autoscaling_config": {
+            "min_replicas": worker.num_workers,
+            "max_replicas": worker.max_workers,
+            "upscale_delay_s": worker.worker_upscale_delay_s,
+            "downscale_delay_s": worker.worker_downscale_delay_s,
+            "policy": {
+                "policy_function": "scheduling.autoscaling_policy:RouterBacklogPolicy",
+                "policy_kwargs": {"jobs_per_replica": worker.jobs_per_worker},
+            },
+        }
+    }
 
 
 SETTINGS_CLASSES = (StorageSettings, WorkerSettings, RouterSettings, ApiSettings)
