@@ -195,15 +195,16 @@ def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Pa
 
     A setting in the environment wins over the same one in the file's application args, so
     `SEIDRA_MODEL=... seidra up` does what it says. On a cluster without GPUs the workers run on
-    the CPU unless SEIDRA_NUM_GPUS says otherwise.
+    the CPU, at a fixed count, unless SEIDRA_NUM_GPUS / SEIDRA_MAX_WORKERS say otherwise.
     """
     config = yaml.safe_load(source.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": http_host, "port": http_port}
     [app] = [app for app in config["applications"] if app["name"] == SERVE_APP_NAME]
     env = forwarded_env()
     settings = {key.removeprefix("SEIDRA_").lower(): value for key, value in env.items() if key.startswith("SEIDRA_")}
-    if not cluster_gpus:
+    if not cluster_gpus:  # a laptop or CI machine: one CPU worker, unless told otherwise
         settings.setdefault("num_gpus", "0")
+        settings.setdefault("max_workers", "0")
     app["args"] = {**(app.get("args") or {}), **settings}
     others = {key: value for key, value in env.items() if not key.startswith("SEIDRA_")}
     runtime_env = app.setdefault("runtime_env", {})

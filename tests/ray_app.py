@@ -26,6 +26,7 @@ from storage.settings import StorageSettings
 
 TEST_ENV = {
     "SEIDRA_TORCH_THREADS": "1",
+    "SEIDRA_MAX_WORKERS": "0",  # one worker: the tests reason about its single slot
     "SEIDRA_FAULT_INJECTION": "1",
     # Short enough for fault drills, long enough for any 4-step slice of a 64x64 tiny-model job.
     "SEIDRA_INFERENCE_TIMEOUT_S": "4",

@@ -38,9 +38,11 @@ def test_seidra_up_applies_this_shells_settings_over_the_files(monkeypatch: pyte
     [app] = config["applications"]
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
     assert (app["args"]["model"], app["args"]["home"], app["args"]["num_gpus"]) == ("/models/tiny", "/srv/seidra", "0")
+    assert app["args"]["max_workers"] == "0"  # no GPUs: one CPU worker
     assert app["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
     ServeDeploySchema.model_validate(config)
 
     monkeypatch.setenv("SEIDRA_NUM_GPUS", "2")
     assert serve_config("127.0.0.1", 8123, cluster_gpus=0)["applications"][0]["args"]["num_gpus"] == "2"
-    assert serve_config("127.0.0.1", 8123, cluster_gpus=8)["applications"][0]["args"]["num_gpus"] == "2"
+    on_gpus = serve_config("127.0.0.1", 8123, cluster_gpus=8)["applications"][0]["args"]
+    assert (on_gpus["num_gpus"], on_gpus["max_workers"]) == ("2", 4)  # the file's autoscaling
