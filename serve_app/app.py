@@ -98,7 +98,7 @@ class SeidraAPI:
     def _view(self, job: GenerationJob | dict[str, Any]) -> JobView:
         fields = job if isinstance(job, dict) else job.model_dump()
         image_url = None
-        if fields["status"] == JobStatus.COMPLETED.value and fields["result_key"]:
+        if fields["status"] == JobStatus.COMPLETED.value and fields["result_key"] and "archived" not in fields["meta"]:
             image_url = self._image_url(fields["id"], fields["result_key"])
         times = {name: as_utc(fields[name]) for name in ("created_at", "updated_at", "started_at", "finished_at")}
         return JobView(**{**fields, **times, "metadata": fields["meta"], "image_url": image_url})

@@ -303,6 +303,30 @@ def jobs_api_address(explicit: str | None) -> str:
     )
 
 
+def cmd_cleanup(args: argparse.Namespace) -> None:
+    """Archive, then remove, generated media older than --days (what scripts/sync-minio.sh runs)."""
+    from datetime import timedelta
+
+    from storage.jobs import JobStore
+    from storage.models import utcnow
+    from storage.object_store import open_object_store
+    from storage.retention import archive_and_remove
+    from storage.settings import StorageSettings, seidra_home
+
+    storage = StorageSettings()
+    now = utcnow()
+    archive_dir = args.archive_dir or seidra_home() / "archive" / now.strftime("%Y-%m-%d")
+    report = archive_and_remove(
+        open_object_store(storage), JobStore(storage.database_url), now - timedelta(days=args.days), archive_dir, args.dry_run
+    )
+    for obj in report.expired:
+        print(f"{'would remove' if args.dry_run else 'removed'}  {obj.key}  ({obj.last_modified:%Y-%m-%d}, {obj.size_bytes} bytes)")
+    if args.dry_run:
+        print(f"{len(report.expired)} object(s) older than {args.days} day(s); nothing removed (--dry-run)")
+    else:
+        print(f"{len(report.removed)} object(s) archived to {archive_dir} and removed; {report.jobs_marked} job(s) marked archived")
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     from deployments.tiny_model import make_tiny_model
 
@@ -321,6 +345,12 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> None:
 
 
 # ----- argument parsing -----
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days >= 1")
+    return int(text)
 
 
 def _batch_id(text: str) -> str:
@@ -413,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-id", type=_batch_id, help="Resume or re-run this batch (default: a new id).")
     batch.add_argument("--priority", default="low", help="0-9 or high, normal, low (default low).")
     batch.add_argument("--wait", action="store_true", help="Wait for the Ray job and print its logs.")
+
+    cleanup = command("cleanup", cmd_cleanup, "Archive, then remove, generated media older than --days.")
+    cleanup.add_argument("--days", type=_positive_int, required=True, help="Keep media younger than this many days.")
+    cleanup.add_argument("--dry-run", action="store_true", help="List what would go; change nothing.")
+    cleanup.add_argument("--archive-dir", type=Path, help="Where to archive (default: SEIDRA_HOME/archive/<date>).")
 
     tiny = command("make-tiny-model", cmd_make_tiny_model, "Write a tiny random-weight diffusers pipeline to DIR.")
     tiny.add_argument("dir", type=Path)

@@ -6,7 +6,9 @@ import io
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from datetime import timedelta
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from storage.settings import StorageSettings
@@ -19,6 +21,13 @@ def image_key(job_id: str) -> str:
 
 class ObjectNotFound(LookupError):
     pass
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    last_modified: datetime  # UTC
+    size_bytes: int
 
 
 class ObjectStore(ABC):
@@ -35,6 +44,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def location(self, key: str) -> str:
         """Where a person or a program can fetch the object: a presigned URL or a file path."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[StoredObject]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
 
 
 class LocalObjectStore(ObjectStore):
@@ -66,6 +81,19 @@ class LocalObjectStore(ObjectStore):
 
     def location(self, key: str) -> str:
         return str(self._path(key))
+
+    def list(self, prefix: str = "") -> Iterator[StoredObject]:
+        root = self.root.resolve()
+        if not root.is_dir():
+            return
+        for path in sorted(root.rglob("*")):
+            key = path.relative_to(root).as_posix()
+            if path.is_file() and key.startswith(prefix):
+                stat = path.stat()
+                yield StoredObject(key, datetime.fromtimestamp(stat.st_mtime, timezone.utc), stat.st_size)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 class S3ObjectStore(ObjectStore):
@@ -124,6 +152,13 @@ class S3ObjectStore(ObjectStore):
 
     def location(self, key: str) -> str:
         return self._client.presigned_get_object(self.bucket, key, expires=self._presign_expiry)
+
+    def list(self, prefix: str = "") -> Iterator[StoredObject]:
+        for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
+            yield StoredObject(item.object_name, item.last_modified.astimezone(timezone.utc), item.size)
+
+    def delete(self, key: str) -> None:
+        self._client.remove_object(self.bucket, key)
 
 
 def open_object_store(settings: StorageSettings) -> ObjectStore:
