@@ -85,3 +85,21 @@ def test_seidra_batch_wraps_the_jobs_api(app: RunningApp, tmp_path: Path, capsys
     empty.write_text("\n")
     assert seidra(["batch", str(empty), "--address", app.dashboard_url]) == 1
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_scripts_submit_batch_uses_plain_ray_job_submit(app: RunningApp, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a glass of water\na bowl of cherries\n")
+    script = Path(__file__).parents[2] / "scripts" / "submit-batch.sh"
+    batch_id = str(uuid.uuid4())
+    done = subprocess.run(
+        [str(script), str(prompts), "--batch-id", batch_id],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAY_API_SERVER_ADDRESS": app.dashboard_url},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert '"completed": 2' in done.stdout
+    assert len(app.http.get("/jobs", params={"batch_id": batch_id}).json()) == 2
