@@ -26,8 +26,13 @@ from ray.serve.handle import DeploymentHandle
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
 from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
 from scheduling.job_queue import LaneQueues, QueuedJob
+from scheduling.lanes import (
+    DEFAULT_REALTIME_PRIORITY,
+    MAX_REALTIME_PRIORITY,
+    Lane,
+    lane_for,
+)
 from scheduling.names import ROUTER_NAMESPACE, router_name
-from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane, lane_for
 from scheduling.replicas import ReplicaPool
 from scheduling.settings import RouterSettings
 from scheduling.work import GenerationParams, WorkItem, WorkResult

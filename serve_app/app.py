@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,12 +22,11 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deployments.settings import WorkerSettings
+from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.router import get_or_create_router
 from scheduling.settings import RouterSettings
-from serve_app.settings import ApiSettings
-from scheduling.directives import Health, InjectedFaults
 from serve_app.schemas import (
     LIMITS,
     BatchAccepted,
@@ -39,6 +38,7 @@ from serve_app.schemas import (
     MaintenanceRequest,
     NotificationView,
 )
+from serve_app.settings import ApiSettings
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobNotFound, JobStore, as_utc
 from storage.models import GenerationJob

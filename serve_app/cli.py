@@ -64,7 +64,13 @@ def _error_text(response: httpx.Response) -> str:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from deployments.settings import WorkerSettings
-    from serve_app.cluster import ClusterError, UpState, deploy, process_started_ticks, start_head, stop_head
+    from serve_app.cluster import (
+        UpState,
+        deploy,
+        process_started_ticks,
+        start_head,
+        stop_head,
+    )
     from storage.database import upgrade
     from storage.settings import StorageSettings, seidra_home
 

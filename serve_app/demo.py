@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from serve_app.cli import format_jobs_table, main as seidra, wait_for_job
+from serve_app.cli import format_jobs_table, wait_for_job
+from serve_app.cli import main as seidra
 from serve_app.cluster import UpState
 from storage.object_store import open_object_store
 from storage.settings import StorageSettings, seidra_home

@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any
 
-
-from serve_app.cli import format_jobs_table, main as seidra, request, wait_for_job, worker_line
+from serve_app.cli import format_jobs_table, request, wait_for_job, worker_line
+from serve_app.cli import main as seidra
 from serve_app.cluster import UpState
 from serve_app.demo import ensure_model
 

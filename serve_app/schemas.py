@@ -9,7 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from scheduling.lanes import DEFAULT_BATCH_PRIORITY, DEFAULT_REALTIME_PRIORITY, parse_priority
+from scheduling.lanes import (
+    DEFAULT_BATCH_PRIORITY,
+    DEFAULT_REALTIME_PRIORITY,
+    parse_priority,
+)
 from serve_app.settings import ApiSettings
 
 LIMITS = ApiSettings()

@@ -1,9 +1,9 @@
 """Alembic environment: runs against the URL given by `storage.database.upgrade`."""
 
 from alembic import context
+from sqlmodel import SQLModel
 
 import storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from sqlmodel import SQLModel
 from storage.database import get_engine
 
 target_metadata = SQLModel.metadata

@@ -6,7 +6,6 @@ import io
 import uuid
 from datetime import datetime
 
-import pytest
 from PIL import Image
 
 from tests.ray_app import RunningApp

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from storage.database import upgrade
-from storage.jobs import JobStore
 from storage.job_status import JobStatus
+from storage.jobs import JobStore
 from storage.models import GenerationJob
 from storage.object_store import S3ObjectStore, image_key
 from storage.retention import archive_and_remove

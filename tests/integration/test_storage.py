@@ -17,7 +17,13 @@ from storage.database import current_revision, get_engine, upgrade
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobNotFound, JobStore
 from storage.models import GenerationJob
-from storage.object_store import LocalObjectStore, ObjectNotFound, ObjectStore, S3ObjectStore, image_key
+from storage.object_store import (
+    LocalObjectStore,
+    ObjectNotFound,
+    ObjectStore,
+    S3ObjectStore,
+    image_key,
+)
 from storage.settings import StorageSettings
 from tests.servers import S3Server
 

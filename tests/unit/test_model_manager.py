@@ -10,7 +10,13 @@ import pytest
 from deployments.model_manager import ModelManager, ReplicaFacts, Thresholds, assess
 from deployments.nvml import GpuLost, GpuReading
 from deployments.settings import WorkerSettings
-from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives, is_available
+from scheduling.directives import (
+    Health,
+    InjectedFaults,
+    Mode,
+    ReplicaDirectives,
+    is_available,
+)
 
 LIMITS = Thresholds(max_temperature_c=85, unhealthy_after_failures=3, degraded_cooldown_s=60)
 COOL = GpuReading(index=0, name="H100", temperature_c=60, utilization_pct=90, memory_used_mb=1, memory_total_mb=2)
