@@ -1,0 +1,63 @@
+"""The monitoring stack's Compose file and its start/stop scripts (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+COMPOSE = ROOT / "grafana" / "docker-compose.yml"
+
+
+def run(script: str, path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / "scripts" / script)], capture_output=True, text=True, env={**os.environ, "PATH": path})
+
+
+def fake_docker(folder: Path, log: Path) -> str:
+    """A `docker` that answers like one with Compose and a running engine, and records its calls."""
+    docker = folder / "docker"
+    docker.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    docker.chmod(0o755)
+    return f"{folder}:/usr/bin:/bin"
+
+
+def test_scripts_say_plainly_when_docker_is_missing(tmp_path: Path) -> None:
+    # A PATH with the shell and coreutils the scripts use, and no docker.
+    for tool in ("bash", "dirname"):
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    for script in ("start-monitoring.sh", "stop-monitoring.sh"):
+        done = run(script, str(tmp_path))
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1].startswith("Docker is not installed")
+
+
+def test_start_brings_the_stack_up_and_stop_keeps_the_volumes(tmp_path: Path) -> None:
+    log = tmp_path / "calls"
+    path = fake_docker(tmp_path, log)
+    assert run("start-monitoring.sh", path).returncode == 0
+    assert run("stop-monitoring.sh", path).returncode == 0
+    calls = log.read_text().splitlines()
+    assert f"compose -f {COMPOSE} up -d" in calls
+    assert f"compose -f {COMPOSE} down" in calls
+    assert not any(call.endswith(("-v", "--volumes")) for call in calls)
+
+
+def test_the_stack_is_the_runbooks() -> None:
+    stack = yaml.safe_load(COMPOSE.read_text())
+    assert set(stack["services"]) == {"prometheus", "grafana", "loki", "promtail", "tempo"}
+    assert stack["services"]["grafana"]["environment"]["GF_SERVER_HTTP_PORT"] == "3001"
+    assert {"3100:3100"} <= set(stack["services"]["loki"]["ports"])
+    assert {"3200:3200", "4317:4317", "4318:4318"} <= set(stack["services"]["tempo"]["ports"])
+    assert set(stack["volumes"]) == {"prometheus-data", "grafana-data", "loki-data", "tempo-data"}
+    for service in stack["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (COMPOSE.parent / source).exists(), source
+    prometheus = yaml.safe_load((COMPOSE.parent / "prometheus" / "prometheus.yml").read_text())
+    [ray] = prometheus["scrape_configs"]
+    assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
