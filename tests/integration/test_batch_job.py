@@ -103,3 +103,27 @@ def test_scripts_submit_batch_uses_plain_ray_job_submit(app: RunningApp, tmp_pat
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert '"completed": 2' in done.stdout
     assert len(app.http.get("/jobs", params={"batch_id": batch_id}).json()) == 2
+
+
+def test_the_operators_ray_commands(app: RunningApp, tmp_path: Path) -> None:
+    """What the README tells an operator to run, against the test cluster."""
+    import subprocess
+
+    from ray.job_submission import JobSubmissionClient
+
+    def ray_cli(*args: str) -> str:
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    (tmp_path / "prompts.txt").write_text("a teapot\n")
+    job_id = JobSubmissionClient(app.dashboard_url).submit_job(
+        entrypoint="python -m serve_app.batch prompts.txt", runtime_env={"working_dir": str(tmp_path)}
+    )
+    logs = ray_cli("ray", "job", "logs", "-f", job_id, "--address", app.dashboard_url)
+    assert "1 job(s) submitted" in logs and '"completed": 1' in logs
+    assert job_id in ray_cli("ray", "job", "list", "--address", app.dashboard_url)
+    status = ray_cli("serve", "status", "--address", app.dashboard_url)
+    assert "seidra:" in status and "DiffusionWorker" in status and "RUNNING" in status
+    actors = ray_cli("ray", "list", "actors", "--filter", "name=seidra-router", "--address", app.dashboard_url)
+    assert "JobRouter" in actors and "seidra" in actors
