@@ -20,6 +20,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.model_manager import ModelManager
 from deployments.nvml import NoGpu, open_gpu_reader
 from deployments.settings import WorkerSettings
+from scheduling import metrics
 from scheduling.assigned_replica import AssignedReplicaRouter
 from scheduling.directives import ReplicaUnavailable, can_run
 from scheduling.router import get_router
@@ -78,6 +79,9 @@ class DiffusionWorker:
             raise
         duration_s = time.perf_counter() - started
         self.model_manager.record_success(duration_s)
+        if output.step > item.step:
+            step_s = duration_s / (output.step - item.step)
+            metrics.worker_metrics()["step"].observe(step_s, tags={"replica": self._replica_id})
         return WorkResult(
             job_id=item.job_id,
             replica_id=self._replica_id,
@@ -116,10 +120,19 @@ class DiffusionWorker:
         if snapshot["health"] == "unhealthy":
             raise RuntimeError(f"replica {self._replica_id} is unhealthy: {snapshot['reason']}")
 
+    def _record_gpu(self, gpu: dict[str, Any] | None) -> None:
+        if gpu is None:
+            return
+        gauges, tags = metrics.worker_metrics(), {"replica": self._replica_id}
+        gauges["temperature"].set(gpu["temperature_c"], tags=tags)
+        gauges["utilization"].set(gpu["utilization_pct"], tags=tags)
+        gauges["memory"].set(gpu["memory_used_mb"] * 2**20, tags=tags)
+
     async def _report_forever(self) -> None:
         while True:
             try:
                 snapshot = self.get_status_snapshot()
+                self._record_gpu(snapshot.get("gpu"))
                 self.model_manager.directives = await get_router(self._app_name).heartbeat.remote(
                     self._replica_id, SLOTS_PER_REPLICA, snapshot
                 )

@@ -23,6 +23,7 @@ import sqlalchemy.exc
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from scheduling import metrics
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
 from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
 from scheduling.job_queue import LaneQueues, QueuedJob
@@ -105,6 +106,7 @@ class JobRouter:
         # Calls in flight, and those cancelled because their replica vanished.
         self._responses: dict[str, Any] = {}
         self._lost: set[str] = set()
+        self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
         self._wake = asyncio.Event()
         self._admission = asyncio.Lock()
         self._recover()
@@ -148,12 +150,14 @@ class JobRouter:
             await asyncio.to_thread(self._jobs.add_all, jobs)
             for job in jobs:
                 self._queue.push(queued_job(job))
+                metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
         self._wake.set()
         return [job.model_dump() for job in jobs]
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a waiting job. Raises IllegalTransition for running or finished jobs."""
         job = await asyncio.to_thread(self._jobs.transition, job_id, JobStatus.CANCELLED, finished_at=utcnow())
+        metrics.job_events()["cancelled"].inc(tags={"lane": job.lane})
         self._forget_waiting(job_id)
         self._mark_finished(job_id)
         return job.model_dump()
@@ -308,6 +312,7 @@ class JobRouter:
                 self._cancel_calls({job_id for replica in gone for job_id in replica.running})
                 await self._delay_waiting_jobs()
                 await self._dispatch()
+                self._record_gauges()
             except Exception:  # the loop must outlive any one failure
                 logger.exception("Dispatch failed; retrying")
             try:
@@ -315,6 +320,22 @@ class JobRouter:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    def _record_gauges(self) -> None:
+        gauges = metrics.queue_gauges()
+        held = {lane: 0 for lane in Lane}
+        for queued in self._queue:
+            held[queued.lane] += queued.job_id in self._next_delay_at
+        for lane in Lane:
+            gauges["depth"].set(self._queue.depth(lane), tags={"lane": lane.value})
+            gauges["held"].set(held[lane], tags={"lane": lane.value})
+        gauges["running"].set(len(self._running))
+        counts: dict[tuple[str, str], int] = dict.fromkeys(self._replica_states, 0)
+        for row in self._pool.describe():
+            counts[(row["mode"], row["health"])] = counts.get((row["mode"], row["health"]), 0) + 1
+        for (mode, health), count in counts.items():  # states that emptied go back to 0
+            gauges["replicas"].set(count, tags={"mode": mode, "health": health})
+        self._replica_states = set(counts)
 
     async def _dispatch(self) -> None:
         await self._continue_draining_jobs()
@@ -380,6 +401,8 @@ class JobRouter:
                 self._paused.add(job_id)
         retry_after_s = job.meta["degraded"]["retry_after_seconds"]
         self._next_delay_at[job_id] = time.monotonic() + retry_after_s
+        metrics.job_events()["delayed"].inc(tags={"lane": job.lane})
+        metrics.notifications_sent().inc(tags={"level": Level.WARNING.value})
         logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
         await self._persist(
             self._notifications.notify,
@@ -405,6 +428,10 @@ class JobRouter:
             except IllegalTransition:
                 self._pool.release(replica_id, queued.job_id)
                 return  # cancelled while it waited
+            if item is None:
+                metrics.job_events()["started"].inc(tags={"lane": job.lane})
+                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
+                metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
             item = item or WorkItem(queued.job_id, job_params(job), max_steps=self._settings.steps_per_dispatch)
         self._next_delay_at.pop(queued.job_id, None)
         item = WorkItem(item.job_id, item.params, item.step, item.latents, item.max_steps, replica_id=replica_id)
@@ -515,9 +542,13 @@ class JobRouter:
             self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        await self._persist(
+        job = await self._persist(
             self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
         )
+        metrics.job_events()[status.value].inc(tags={"lane": job.lane})
+        if job.started_at is not None:
+            duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()
+            metrics.job_histograms()["duration"].observe(duration_s, tags={"lane": job.lane})
         logger.info("Job %s %s", job_id, status.value)
         self._mark_finished(job_id)
 

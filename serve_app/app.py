@@ -22,6 +22,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deployments.settings import WorkerSettings
+from scheduling import metrics
 from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
@@ -53,6 +54,16 @@ ROUTER_RESTART_RETRY_AFTER_S = 5
 T = TypeVar("T")
 
 api = FastAPI(title="SEIDRA", description="Text-to-image generation on Ray Serve", version="0.1.0")
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next: Any) -> Response:
+    response = await call_next(request)
+    route = request.scope.get("route")
+    # The route's template, not the raw path: one series per endpoint, not per job id.
+    path = getattr(route, "path", "unmatched")
+    metrics.http_requests().inc(tags={"route": path, "method": request.method, "status": str(response.status_code)})
+    return response
 
 
 @api.exception_handler(RequestValidationError)
