@@ -97,9 +97,11 @@ class DiffusionWorker:
         self._running_jobs.add(item.job_id)
         work = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner.advance, item, control))
 
-        def ended(_: asyncio.Future[Any]) -> None:
+        def ended(finished: asyncio.Future[Any]) -> None:
             self._running_jobs.discard(item.job_id)
             self.model_manager.record_call_ended()
+            if not finished.cancelled():
+                finished.exception()  # seen: a call given up on ends in Interrupted, which nobody awaits
 
         work.add_done_callback(ended)
         return work
