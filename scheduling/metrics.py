@@ -74,3 +74,8 @@ def http_requests() -> Counter:
     return Counter(
         "seidra_http_requests", description="HTTP requests, by route and status.", tag_keys=("route", "method", "status")
     )
+
+
+@cache
+def storage_errors() -> Counter:
+    return Counter("seidra_storage_errors", description="Storage calls that failed and were retried.", tag_keys=("call",))

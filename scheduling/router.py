@@ -568,6 +568,7 @@ class JobRouter:
             try:
                 return await asyncio.to_thread(write, *args, **kwargs)
             except STORAGE_OUTAGES:
+                metrics.storage_errors().inc(tags={"call": write.__name__})
                 logger.exception("Storage call %s failed; retrying in %.1f s", write.__name__, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
