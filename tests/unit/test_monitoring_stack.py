@@ -61,3 +61,18 @@ def test_the_stack_is_the_runbooks() -> None:
     prometheus = yaml.safe_load((COMPOSE.parent / "prometheus" / "prometheus.yml").read_text())
     [ray] = prometheus["scrape_configs"]
     assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+def test_the_runbooks_dashboard() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "grafana" / "dashboards" / "seidra.json").read_text())
+    assert dashboard["title"] == "SEIDRA Ultimate - Observabilité"
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    assert rows == ["Jobs", "GPU", "Notifications"]
+    titles = " | ".join(panel["title"] for panel in dashboard["panels"])
+    for needed in ("Jobs actifs", "Durée p95 des jobs", "Température GPU (°C)", "Alertes actives", "Requêtes récentes",
+                   "Queue depth", "Held jobs", "Ray Serve request latency", "Ray Serve healthy replicas"):  # fmt: skip
+        assert needed in titles
+    provisioning = yaml.safe_load((ROOT / "grafana" / "provisioning" / "dashboards" / "dashboards.yml").read_text())
+    assert provisioning["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
