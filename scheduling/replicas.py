@@ -174,17 +174,17 @@ class ReplicaPool:
         return replica_id in self._replicas
 
     def describe(self) -> list[dict[str, Any]]:
-        now = self._clock()
-        return [
-            {
-                **replica.snapshot,
-                "replica_id": replica.replica_id,
-                "slots": replica.slots,
-                "running": sorted(replica.running),
-                "seen_s_ago": round(now - replica.last_seen, 1),
-                "maintenance": self.directives(replica.replica_id).maintenance,
-                "usable": self.unavailable_reason(replica) is None,
-                "unavailable_reason": self.unavailable_reason(replica),
-            }
-            for replica in sorted(self._replicas.values(), key=lambda r: r.replica_id)
-        ]
+        return [self._row(replica) for replica in sorted(self._replicas.values(), key=lambda r: r.replica_id)]
+
+    def _row(self, replica: Replica) -> dict[str, Any]:
+        reason = self.unavailable_reason(replica)
+        return {
+            **replica.snapshot,
+            "replica_id": replica.replica_id,
+            "slots": replica.slots,
+            "running": sorted(replica.running),
+            "seen_s_ago": round(self._clock() - replica.last_seen, 1),
+            "maintenance": self.directives(replica.replica_id).maintenance,
+            "usable": reason is None,
+            "unavailable_reason": reason,
+        }

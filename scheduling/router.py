@@ -259,15 +259,11 @@ class JobRouter:
         return self._pool.describe()
 
     async def status(self) -> dict[str, Any]:
-        self._pool.expire()
-        held_by_lane = {lane.value: 0 for lane in Lane}
-        for queued in self._queue:
-            if queued.job_id in self._next_delay_at:
-                held_by_lane[queued.lane.value] += 1
+        # No expiry here: the dispatch loop expires replicas, and it alone cancels their calls.
         return {
             "queues": {lane.value: self._queue.depth(lane) for lane in Lane},
             "paused_lanes": sorted(lane.value for lane in self._queue.paused),
-            "held": held_by_lane,
+            "held": {lane.value: count for lane, count in self._held_by_lane().items()},
             "deferred": len(self._deferred),
             "running": len(self._running),
             "usable_slots": self._pool.usable_slots(),
@@ -321,11 +317,15 @@ class JobRouter:
                 pass
             self._wake.clear()
 
-    def _record_gauges(self) -> None:
-        gauges = metrics.queue_gauges()
-        held = {lane: 0 for lane in Lane}
+    def _held_by_lane(self) -> dict[Lane, int]:
+        held = dict.fromkeys(Lane, 0)
         for queued in self._queue:
             held[queued.lane] += queued.job_id in self._next_delay_at
+        return held
+
+    def _record_gauges(self) -> None:
+        gauges = metrics.queue_gauges()
+        held = self._held_by_lane()
         for lane in Lane:
             gauges["depth"].set(self._queue.depth(lane), tags={"lane": lane.value})
             gauges["held"].set(held[lane], tags={"lane": lane.value})
