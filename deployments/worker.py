@@ -20,7 +20,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.model_manager import ModelManager
 from deployments.nvml import NoGpu, open_gpu_reader
 from deployments.settings import WorkerSettings
-from scheduling import metrics
+from scheduling import metrics, tracing
 from scheduling.assigned_replica import AssignedReplicaRouter
 from scheduling.directives import ReplicaUnavailable, can_run
 from scheduling.router import get_router
@@ -46,6 +46,8 @@ class DiffusionWorker:
         from deployments.pipeline import DiffusionRunner
 
         os.environ.update(settings_env)  # the application's args, before any settings are read
+        tracing.configure("worker")
+        tracing.configure_logging()
         self._settings = WorkerSettings()
         gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
         self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
@@ -55,7 +57,15 @@ class DiffusionWorker:
         self._running_jobs: set[str] = set()  # reported, so a restarted router does not overbook
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
-    async def advance(self, item: WorkItem) -> WorkResult:
+    async def advance(self, item: WorkItem, trace_context: tracing.Carrier | None = None) -> WorkResult:
+        """Run one step slice of `item`; `trace_context` is the router's dispatch span."""
+        attributes = {"seidra.replica_id": self._replica_id, "seidra.step": item.step}
+        with tracing.job_span("seidra.inference", item.job_id, trace_context, **attributes) as span:
+            result = await self._advance(item)
+            span.set_attribute("seidra.steps_done", result.step)
+            return result
+
+    async def _advance(self, item: WorkItem) -> WorkResult:
         from deployments.pipeline import StepControl
 
         snapshot = self.model_manager.get_status_snapshot()
@@ -110,7 +120,8 @@ class DiffusionWorker:
         if png is None:
             return None
         key = image_key(job_id)
-        await asyncio.to_thread(self._store.put, key, png, "image/png")
+        with tracing.job_span("seidra.upload", job_id, **{"seidra.object_key": key, "seidra.bytes": len(png)}):
+            await asyncio.to_thread(self._store.put, key, png, "image/png")
         return key
 
     def get_status_snapshot(self) -> dict[str, Any]:

@@ -15,15 +15,17 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import ray
 import sqlalchemy.exc
+from opentelemetry.trace import Span
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from scheduling import metrics
+from scheduling import metrics, tracing
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
 from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
 from scheduling.job_queue import LaneQueues, QueuedJob
@@ -72,6 +74,11 @@ def _cause(error: BaseException) -> BaseException:
     return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
 
 
+def _span_attributes(job: GenerationJob) -> dict[str, Any]:
+    batch = {"seidra.batch_id": str(job.batch_id)} if job.batch_id else {}
+    return {tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority, **batch}
+
+
 def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda meta: {**meta, "failures": meta.get("failures", 0) + 1, "last_error": error}
 
@@ -80,8 +87,8 @@ class JobRouter:
     def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
         # The application's settings (Serve application args), before any settings are read.
         os.environ.update(settings_env)
-        if not logging.getLogger().handlers:  # a Ray actor: give its log lines a time, level and source
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s -- %(message)s")
+        tracing.configure("router")
+        tracing.configure_logging()
         self._settings = RouterSettings()
         storage = StorageSettings()
         self._jobs = JobStore(storage.database_url)
@@ -131,26 +138,34 @@ class JobRouter:
     # ----- public methods (called through the actor handle) -----
 
     async def submit(
-        self, requests: list[dict[str, Any]], batch_id: str | None = None, job_ids: list[str] | None = None
+        self,
+        requests: list[dict[str, Any]],
+        batch_id: str | None = None,
+        job_ids: list[str] | None = None,
+        trace_context: tracing.Carrier | None = None,
     ) -> list[dict[str, Any]]:
         """Store and enqueue jobs, all or none; returns the new ones. Raises QueueFullError when a lane is full.
 
         With `job_ids` (one per request) a submission is idempotent: jobs that exist already are
-        left as they are, so a batch submitted again creates nothing twice.
+        left as they are, so a batch submitted again creates nothing twice. `trace_context` is the
+        submitter's span (see `tracing.enqueue_spans`).
         """
         jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, job_ids or [None] * len(requests))]
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
-        async with self._admission:  # so two submissions cannot both take the last room in a lane
-            for lane in Lane:
-                count = sum(1 for job in jobs if job.lane == lane.value)
-                if count:
-                    self._queue.check_room(lane, count)
-            await asyncio.to_thread(self._jobs.add_all, jobs)
-            for job in jobs:
-                self._queue.push(queued_job(job))
-                metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
+        with tracing.enqueue_spans(trace_context, [_span_attributes(job) for job in jobs]) as spans:
+            for job, span in zip(jobs, spans):
+                job.meta = {**job.meta, **tracing.job_trace(span)}
+            async with self._admission:  # so two submissions cannot both take the last room in a lane
+                for lane in Lane:
+                    count = sum(1 for job in jobs if job.lane == lane.value)
+                    if count:
+                        self._queue.check_room(lane, count)
+                await asyncio.to_thread(self._jobs.add_all, jobs)
+                for job in jobs:
+                    self._queue.push(queued_job(job))
+                    metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
         self._wake.set()
         return [job.model_dump() for job in jobs]
 
@@ -168,6 +183,11 @@ class JobRouter:
         Raises IllegalTransition for a running or completed job, or one already waiting normally.
         """
         job = await asyncio.to_thread(self._jobs.get, job_id)
+        with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), **{"seidra.countdown_s": countdown_s}):
+            return await self._retry(job, countdown_s)
+
+    async def _retry(self, job: GenerationJob, countdown_s: float) -> dict[str, Any]:
+        job_id = str(job.id)
         priority = job.priority if job.priority <= MAX_REALTIME_PRIORITY else DEFAULT_REALTIME_PRIORITY
         not_before = utcnow() + timedelta(seconds=countdown_s)
         changes: dict[str, Any] = {
@@ -403,14 +423,16 @@ class JobRouter:
         self._next_delay_at[job_id] = time.monotonic() + retry_after_s
         metrics.job_events()["delayed"].inc(tags={"lane": job.lane})
         metrics.notifications_sent().inc(tags={"level": Level.WARNING.value})
-        logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
-        await self._persist(
-            self._notifications.notify,
-            job_id,
-            Level.WARNING,
-            f"Your image is delayed: no GPU is available ({reason}). It will run as soon as one is; "
-            f"next retry in {retry_after_s} s.",
-        )
+        attributes = {"seidra.reason": reason, "seidra.retry_after_s": retry_after_s}
+        with tracing.job_span("seidra.hold", job_id, job.meta.get("trace_context"), **attributes):
+            logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
+            await self._persist(
+                self._notifications.notify,
+                job_id,
+                Level.WARNING,
+                f"Your image is delayed: no GPU is available ({reason}). It will run as soon as one is; "
+                f"next retry in {retry_after_s} s.",
+            )
 
     async def _start(self, queued: QueuedJob, replica_id: str) -> None:
         item = self._resume.pop(queued.job_id, None)
@@ -432,23 +454,34 @@ class JobRouter:
                 metrics.job_events()["started"].inc(tags={"lane": job.lane})
                 wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
                 metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
-            item = item or WorkItem(queued.job_id, job_params(job), max_steps=self._settings.steps_per_dispatch)
+            item = item or WorkItem(
+                queued.job_id, job_params(job), max_steps=self._settings.steps_per_dispatch,
+                trace_context=job.meta.get("trace_context"),
+            )  # fmt: skip
         self._next_delay_at.pop(queued.job_id, None)
-        item = WorkItem(item.job_id, item.params, item.step, item.latents, item.max_steps, replica_id=replica_id)
+        item = replace(item, replica_id=replica_id)
         self._running[queued.job_id] = asyncio.get_event_loop().create_task(self._run(item, queued))
 
     async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
         assert item.replica_id is not None
+        attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
+        with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, **attributes) as span:
+            await self._call_worker(item, queued, span)
+
+    async def _call_worker(self, item: WorkItem, queued: QueuedJob, span: Span) -> None:
+        assert item.replica_id is not None
         response = None
         try:
-            response = self._worker.advance.remote(item)
+            response = self._worker.advance.remote(item, tracing.carrier())
             self._responses[item.job_id] = response
             result: WorkResult = await asyncio.wait_for(response, self._settings.inference_timeout_s)
         except asyncio.TimeoutError:
             response.cancel()  # type: ignore[union-attr]  # the replica stops at its next step boundary
+            tracing.mark_failed(span, GPU_TIMEOUT_REASON)
             self._pool.mark_degraded(item.replica_id, GPU_TIMEOUT_REASON, self._settings.degraded_cooldown_s)
             await self._after_failure(item, queued, GPU_TIMEOUT_REASON, hold=True)
         except Exception as raised:
+            tracing.mark_failed(span, f"{type(_cause(raised)).__name__}: {_cause(raised)}")
             if item.job_id in self._lost:
                 await self._requeue_lost(item, queued)
             else:
@@ -505,9 +538,7 @@ class JobRouter:
             )
             return
         # Keeps the replica it ran on: a replica draining for maintenance finishes what it started.
-        self._resume[item.job_id] = WorkItem(
-            item.job_id, item.params, result.step, result.latents, item.max_steps, replica_id=item.replica_id
-        )
+        self._resume[item.job_id] = replace(item, step=result.step, latents=result.latents)
         self._queue.push(queued)
 
     async def _hold_running(self, item: WorkItem, queued: QueuedJob, reason: str, failure: str | None = None) -> None:
@@ -542,9 +573,10 @@ class JobRouter:
             self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        job = await self._persist(
-            self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
-        )
+        with tracing.job_span("seidra.db.update", job_id, **{"seidra.status": status.value}):
+            job = await self._persist(
+                self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
+            )
         metrics.job_events()[status.value].inc(tags={"lane": job.lane})
         if job.started_at is not None:
             duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()
@@ -587,6 +619,7 @@ def get_or_create_router(app_name: str, worker: DeploymentHandle, settings_env: 
             num_cpus=0,
             # Every ?wait=true request holds one call open; heartbeats must still get through.
             max_concurrency=10_000,
+            runtime_env={"env_vars": tracing.environment()},
         )
         .remote(worker, settings_env)
     )

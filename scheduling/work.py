@@ -26,6 +26,7 @@ class WorkItem:
     """Advance `job_id` from denoising step `step` by at most `max_steps` steps (0: to the end).
 
     `replica_id` is the replica the router reserved a slot on; `AssignedReplicaRouter` sends it there.
+    `trace_context` carries the job's trace (`metadata.trace_context`) from slice to slice.
     """
 
     job_id: str
@@ -34,6 +35,7 @@ class WorkItem:
     latents: np.ndarray | None = None
     max_steps: int = 0
     replica_id: str | None = None
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

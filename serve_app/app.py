@@ -16,13 +16,14 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deployments.settings import WorkerSettings
-from scheduling import metrics
+from scheduling import metrics, tracing
 from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
@@ -53,6 +54,8 @@ APP_NAME = "seidra"
 ROUTER_RESTART_RETRY_AFTER_S = 5
 T = TypeVar("T")
 
+# FastAPI's own telemetry opens each request's server span (the root of a job's trace), with the
+# tracer provider that `tracing.configure` installs in the replica.
 api = FastAPI(title="SEIDRA", description="Text-to-image generation on Ray Serve", version="0.1.0")
 
 
@@ -100,6 +103,7 @@ async def _router_call(call: Awaitable[T]) -> T:
 class SeidraAPI:
     def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
         os.environ.update(settings_env)  # the application's args, before any settings are read
+        tracing.configure("api")
         storage = StorageSettings()
         self._jobs = JobStore(storage.database_url)
         self._notifications = NotificationService(storage.database_url)
@@ -126,7 +130,8 @@ class SeidraAPI:
 
     @api.post("/generation/single", status_code=202, response_model=JobView)
     async def generate(self, request: GenerationRequest, response: Response, wait: bool = False) -> JobView:
-        [job] = await _router_call(self._router.submit.remote([request.to_job_fields()]))
+        [job] = await _router_call(self._router.submit.remote([request.to_job_fields()], trace_context=tracing.carrier()))
+        trace.get_current_span().set_attribute(tracing.JOB_ID, str(job["id"]))
         if not wait:
             return self._view(job)
         try:
@@ -140,7 +145,10 @@ class SeidraAPI:
     @api.post("/generation/batch", status_code=202, response_model=BatchAccepted)
     async def generate_batch(self, request: BatchRequest) -> BatchAccepted:
         batch_id = uuid.uuid4()
-        jobs = await _router_call(self._router.submit.remote(request.to_job_fields(), str(batch_id)))
+        trace.get_current_span().set_attribute("seidra.batch_id", str(batch_id))
+        jobs = await _router_call(
+            self._router.submit.remote(request.to_job_fields(), str(batch_id), trace_context=tracing.carrier())
+        )
         views = [self._view(job) for job in jobs]
         return BatchAccepted(batch_id=batch_id, job_ids=[view.id for view in views], jobs=views)
 
@@ -243,7 +251,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     os.environ.update(settings_env)  # so that the options below see them too
     worker = WorkerSettings().require_model()
     # In the replicas' environment from their start: some settings are read when modules load.
-    runtime_env = {"env_vars": settings_env}
+    runtime_env = {"env_vars": {**tracing.environment(), **settings_env}}
     workers = DiffusionWorker.options(
         **_replicas(worker),
         ray_actor_options={

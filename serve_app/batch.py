@@ -67,20 +67,25 @@ def submit(router: Any, requests: list[dict[str, Any]], batch_id: str, job_ids: 
     import ray
     from ray.exceptions import RayTaskError
 
+    from scheduling import tracing
     from scheduling.job_queue import QueueFullError
 
     created = 0
-    for start in range(0, len(requests), SUBMIT_CHUNK):
-        chunk = slice(start, start + SUBMIT_CHUNK)
-        while True:
-            try:
-                created += len(ray.get(router.submit.remote(requests[chunk], batch_id, job_ids[chunk])))
-                break
-            except RayTaskError as error:
-                if not isinstance(error.cause, QueueFullError):
-                    raise
-                print(f"{error.cause}; retrying in {error.cause.retry_after_s} s", flush=True)
-                time.sleep(error.cause.retry_after_s)
+    # Each job gets a trace of its own, linked to this span (see `tracing.enqueue_spans`).
+    with tracing.tracer().start_as_current_span("seidra.batch", attributes={"seidra.batch_id": batch_id}) as span:
+        for start in range(0, len(requests), SUBMIT_CHUNK):
+            chunk = slice(start, start + SUBMIT_CHUNK)
+            while True:
+                try:
+                    submitted = router.submit.remote(requests[chunk], batch_id, job_ids[chunk], tracing.carrier())
+                    created += len(ray.get(submitted))
+                    break
+                except RayTaskError as error:
+                    if not isinstance(error.cause, QueueFullError):
+                        raise
+                    print(f"{error.cause}; retrying in {error.cause.retry_after_s} s", flush=True)
+                    time.sleep(error.cause.retry_after_s)
+        span.set_attribute("seidra.jobs_created", created)
     return created
 
 
@@ -116,6 +121,7 @@ def manifest(items: list[GenerationFields], job_ids: list[str], rows: list[Any])
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from scheduling import tracing
     from scheduling.router import get_router
     from storage.jobs import JobStore
     from storage.object_store import open_object_store
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     job_ids = job_ids_for(batch_id, len(items))
     print(f"Batch {batch_id}: {len(items)} prompt(s) from {args.prompts_file}", flush=True)
 
+    tracing.configure("batch")
     ray.init(address=args.address, log_to_driver=False)
     try:
         router = get_router(args.app)

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 
 import pytest
 
-from tests.ray_app import app  # noqa: F401  (the session's Ray cluster, for the tests that ask)
+from tests.ray_app import app, otlp_collector  # noqa: F401  (the session's Ray cluster, for the tests that ask)
 from tests.servers import S3Server, ServiceUnavailable, postgres_server, s3_server
 
 os.environ["HF_HUB_OFFLINE"] = "1"

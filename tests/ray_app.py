@@ -23,6 +23,7 @@ import pytest
 from storage.jobs import JobStore
 from storage.object_store import ObjectStore, open_object_store
 from storage.settings import StorageSettings
+from tests.otlp import OtlpCollector
 
 TEST_ENV = {
     "SEIDRA_TORCH_THREADS": "1",
@@ -55,6 +56,7 @@ class RunningApp:
     http: httpx.Client
     jobs: JobStore
     media: ObjectStore
+    traces: OtlpCollector  # what every process of the app exported
 
     def submit(self, **fields: Any) -> dict[str, Any]:
         body = {"width": 64, "height": 64, "num_inference_steps": 4, **fields}
@@ -138,7 +140,18 @@ def _storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def otlp_collector() -> Iterator[OtlpCollector]:
+    collector = OtlpCollector().start()
+    try:
+        yield collector
+    finally:
+        collector.stop()
+
+
+@pytest.fixture(scope="session")
+def app(
+    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, otlp_collector: OtlpCollector
+) -> Iterator[RunningApp]:
     import ray
     from ray import serve
 
@@ -151,6 +164,9 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
         "SEIDRA_HOME": str(tmp_path_factory.mktemp("seidra-home")),
         "SEIDRA_MODEL": str(tiny_model),
         "HF_HUB_OFFLINE": "1",
+        # Traces go where Tempo would take them, flushed often enough for the tests to wait on.
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_collector.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
@@ -170,7 +186,8 @@ def app(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pyte
             http = httpx.Client(base_url=url, timeout=60)
             _wait_for_capacity(http)
             dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-            yield RunningApp(url, dashboard_url, http, JobStore(storage.database_url), open_object_store(storage))
+            jobs, media = JobStore(storage.database_url), open_object_store(storage)
+            yield RunningApp(url, dashboard_url, http, jobs, media, otlp_collector)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -67,7 +67,11 @@ def test_gpu_timeout_triggers_degraded_mode(app: RunningApp) -> None:
     notification = app.notifications(job_id)[-1]  # the oldest: newest first
     assert notification["level"] == "warning" and "GPU inference timeout" in notification["message"]
     line = f"Delaying job {job_id} due to GPU unavailability: GPU inference timeout"
-    app.eventually(lambda: any(line in logged for logged in router_log_lines()), "the delay in the router's log")
+    logged = app.eventually(lambda: [text for text in router_log_lines() if line in text], "the delay in the router's log")
+    trace_id = job["metadata"]["trace_id"]
+    assert all(f"trace_id={trace_id}" in text for text in logged)
+    holds = app.eventually(lambda: [s for s in app.traces.spans(trace_id) if s.name == "seidra.hold"], "the hold in the trace")
+    assert holds[0].attributes["seidra.reason"] == "GPU inference timeout"
 
     app.clear_faults()
     [done] = app.wait_for([job_id])

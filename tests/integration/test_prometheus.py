@@ -25,12 +25,21 @@ NO_DATA_EXPECTED = ("Alertes actives",)
 
 def dashboard_exprs() -> dict[str, str]:
     dashboard = json.loads((GRAFANA / "dashboards" / "seidra.json").read_text())
-    return {panel["title"]: target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])}
+    return {
+        f"{panel['title']} [{target['refId']}]": target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    }
 
 
 def alert_exprs() -> dict[str, str]:
     rules = yaml.safe_load((GRAFANA / "prometheus" / "alerts.yml").read_text())
     return {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+
+
+def grafana_alert_exprs() -> dict[str, str]:
+    """The PromQL queries of the Grafana-managed alert rules (their refId A), which mirror alert_exprs()."""
+    rules = yaml.safe_load((GRAFANA / "provisioning" / "alerting" / "alerts.yml").read_text())
+    return {f"Grafana {rule['title']}": query["model"]["expr"] for group in rules["groups"] for rule in group["rules"]
+            for query in rule["data"] if query["refId"] == "A"}  # fmt: skip
 
 
 @pytest.fixture
@@ -80,6 +89,14 @@ def test_dashboard_and_alerts_against_a_real_prometheus(app: RunningApp, prometh
         app.eventually(lambda: app.job(held)["metadata"].get("degraded"), "a delay")
         app.inject(temperature_c=50)
         app.wait_for([held])
+        # A failed job, for the failures series. Faults are cleared between two injections: `inject`
+        # waits for `faults_injected`, which would not change from one set of faults to another.
+        app.clear_faults()
+        app.inject(temperature_c=50, fail_inference=True)
+        failed = app.submit(prompt="fails every attempt")["id"]
+        app.wait_for([failed], statuses=("failed",))
+        app.clear_faults()
+        app.inject(temperature_c=50)
         for index in range(3):
             response = app.http.post("/generation/single?wait=true", json={"prompt": f"scraped {index}"})
             assert response.status_code == 200
@@ -93,7 +110,7 @@ def test_dashboard_and_alerts_against_a_real_prometheus(app: RunningApp, prometh
             time.sleep(2)
     finally:
         app.clear_faults()
-    for title, expr in {**exprs, **alert_exprs()}.items():
+    for title, expr in {**exprs, **alert_exprs(), **grafana_alert_exprs()}.items():
         query(prometheus, expr)  # every expression is valid PromQL on real data
     exported = {metric for metric in httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"]}
     for title, expr in exprs.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,3 +41,19 @@ def test_every_runbook_alert_is_defined_and_tested() -> None:
     tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
     tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
     assert tested == defined
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_to_a_section_of_the_incident_runbook() -> None:
+    import yaml
+
+    runbook = PROMETHEUS_DIR.parents[1] / "docs" / "runbook.md"
+    anchors = {github_anchor(line.lstrip("#")) for line in runbook.read_text().splitlines() if line.startswith("## ")}
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    for rule in (rule for group in rules["groups"] for rule in group["rules"]):
+        path, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert path == "docs/runbook.md" and anchor in anchors, (rule["alert"], rule["annotations"]["runbook"])
