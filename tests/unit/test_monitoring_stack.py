@@ -76,3 +76,35 @@ def test_the_runbooks_dashboard() -> None:
         assert needed in titles
     provisioning = yaml.safe_load((ROOT / "grafana" / "provisioning" / "dashboards" / "dashboards.yml").read_text())
     assert provisioning["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_log_lines_link_to_their_trace_in_grafana() -> None:
+    """Loki's derived field finds the trace id in a log line as SEIDRA writes it, and Tempo's
+    logs query searches for the same text."""
+    import io
+    import logging
+    import re
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from scheduling import tracing
+
+    provisioned = yaml.safe_load((ROOT / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())
+    sources = {source["name"]: source for source in provisioned["datasources"]}
+    [derived] = sources["Loki"]["jsonData"]["derivedFields"]
+    assert derived["datasourceUid"] == sources["Tempo"]["uid"]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(tracing.LOG_FORMAT))
+    handler.addFilter(tracing.TraceIdFilter())
+    logger = logging.getLogger("tests.monitoring")
+    logger.addHandler(handler)
+    try:
+        with TracerProvider().get_tracer("test").start_as_current_span("seidra.hold") as span:
+            logger.warning("Delaying job j due to GPU unavailability")
+    finally:
+        logger.removeHandler(handler)
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+    assert re.search(derived["matcherRegex"], stream.getvalue())[1] == trace_id  # type: ignore[index]
+    logs_query = sources["Tempo"]["jsonData"]["tracesToLogsV2"]["query"].replace("$${__trace.traceId}", trace_id)
+    assert logs_query.split("|=")[1].strip().strip('"') in stream.getvalue()
