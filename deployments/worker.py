@@ -59,18 +59,22 @@ class DiffusionWorker:
 
     async def advance(self, item: WorkItem, trace_context: tracing.Carrier | None = None) -> WorkResult:
         """Run one step slice of `item`; `trace_context` is the router's dispatch span."""
+        snapshot = self.model_manager.get_status_snapshot()
+        if not can_run(snapshot["mode"], snapshot["health"]):
+            raise ReplicaUnavailable(self._replica_id, snapshot)
         attributes = {"seidra.replica_id": self._replica_id, "seidra.step": item.step}
-        with tracing.job_span("seidra.inference", item.job_id, trace_context, **attributes) as span:
-            result = await self._advance(item)
-            span.set_attribute("seidra.steps_done", result.step)
+        with tracing.job_span("seidra.inference", item.job_id, trace_context, attributes) as span:
+            try:
+                result = await self._advance(item)
+            except asyncio.CancelledError:  # not an Exception: OpenTelemetry would not mark it
+                tracing.mark_failed(span, "given up by the router (inference timeout)")
+                raise
+            span.set_attribute("seidra.step_reached", result.step)
             return result
 
     async def _advance(self, item: WorkItem) -> WorkResult:
         from deployments.pipeline import StepControl
 
-        snapshot = self.model_manager.get_status_snapshot()
-        if not can_run(snapshot["mode"], snapshot["health"]):
-            raise ReplicaUnavailable(self._replica_id, snapshot)
         faults = self.model_manager.faults
         control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0)
         started = time.perf_counter()
@@ -120,7 +124,7 @@ class DiffusionWorker:
         if png is None:
             return None
         key = image_key(job_id)
-        with tracing.job_span("seidra.upload", job_id, **{"seidra.object_key": key, "seidra.bytes": len(png)}):
+        with tracing.job_span("seidra.upload", job_id, attributes={"seidra.object_key": key, "seidra.bytes": len(png)}):
             await asyncio.to_thread(self._store.put, key, png, "image/png")
         return key
 

@@ -17,11 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 import sqlalchemy.exc
-from opentelemetry.trace import Span
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
@@ -45,9 +44,17 @@ from storage.models import GenerationJob, utcnow
 from storage.notifications import Level, NotificationService
 from storage.settings import StorageSettings
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Raised when the router's methods change so that an older router could not serve the new API (a
+# new argument, a new method): the router is detached and outlives deployments, so the
+# application replaces one left running by an older release.
+ROUTER_API_VERSION = 2
+ROUTER_VERSION_TIMEOUT_S = 60.0
 STORAGE_RETRY_MAX_S = 30.0
 STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 GPU_TIMEOUT_REASON = "GPU inference timeout"
@@ -154,7 +161,8 @@ class JobRouter:
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
-        with tracing.enqueue_spans(trace_context, [_span_attributes(job) for job in jobs]) as spans:
+        attributes = [_span_attributes(job) for job in jobs]
+        with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
             async with self._admission:  # so two submissions cannot both take the last room in a lane
@@ -183,7 +191,7 @@ class JobRouter:
         Raises IllegalTransition for a running or completed job, or one already waiting normally.
         """
         job = await asyncio.to_thread(self._jobs.get, job_id)
-        with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), **{"seidra.countdown_s": countdown_s}):
+        with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), {"seidra.countdown_s": countdown_s}):
             return await self._retry(job, countdown_s)
 
     async def _retry(self, job: GenerationJob, countdown_s: float) -> dict[str, Any]:
@@ -253,6 +261,9 @@ class JobRouter:
         logger.warning("Maintenance %s for %s", "on" if enabled else "off", replica_id or "all replicas")
         self._wake.set()
         return self._pool.describe()
+
+    async def api_version(self) -> int:
+        return ROUTER_API_VERSION
 
     async def autoscaling_load(self) -> int:
         """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
@@ -424,7 +435,7 @@ class JobRouter:
         metrics.job_events()["delayed"].inc(tags={"lane": job.lane})
         metrics.notifications_sent().inc(tags={"level": Level.WARNING.value})
         attributes = {"seidra.reason": reason, "seidra.retry_after_s": retry_after_s}
-        with tracing.job_span("seidra.hold", job_id, job.meta.get("trace_context"), **attributes):
+        with tracing.job_span("seidra.hold", job_id, job.meta.get("trace_context"), attributes):
             logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
             await self._persist(
                 self._notifications.notify,
@@ -465,7 +476,7 @@ class JobRouter:
     async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
         assert item.replica_id is not None
         attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
-        with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, **attributes) as span:
+        with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, attributes) as span:
             await self._call_worker(item, queued, span)
 
     async def _call_worker(self, item: WorkItem, queued: QueuedJob, span: Span) -> None:
@@ -481,7 +492,8 @@ class JobRouter:
             self._pool.mark_degraded(item.replica_id, GPU_TIMEOUT_REASON, self._settings.degraded_cooldown_s)
             await self._after_failure(item, queued, GPU_TIMEOUT_REASON, hold=True)
         except Exception as raised:
-            tracing.mark_failed(span, f"{type(_cause(raised)).__name__}: {_cause(raised)}")
+            if not isinstance(_cause(raised), ReplicaUnavailable):  # a hold is no failure
+                tracing.mark_failed(span, f"{type(_cause(raised)).__name__}: {_cause(raised)}")
             if item.job_id in self._lost:
                 await self._requeue_lost(item, queued)
             else:
@@ -573,7 +585,7 @@ class JobRouter:
             self._queue.push(queued)
 
     async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        with tracing.job_span("seidra.db.update", job_id, **{"seidra.status": status.value}):
+        with tracing.job_span("seidra.db.update", job_id, attributes={"seidra.status": status.value}):
             job = await self._persist(
                 self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
             )
@@ -607,21 +619,39 @@ class JobRouter:
 
 
 def get_or_create_router(app_name: str, worker: DeploymentHandle, settings_env: dict[str, str]) -> ray.actor.ActorHandle:
-    """The application's router, created on first use; it outlives its creator and restarts after a crash."""
-    return (
-        ray.remote(JobRouter)
-        .options(
-            name=router_name(app_name),
-            namespace=ROUTER_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            num_cpus=0,
-            # Every ?wait=true request holds one call open; heartbeats must still get through.
-            max_concurrency=10_000,
-            runtime_env={"env_vars": tracing.environment()},
-        )
-        .remote(worker, settings_env)
+    """The application's router, created on first use; it outlives its creator and restarts after a crash.
+
+    One left running by an older release is replaced: its queue is rebuilt from the database.
+    """
+    router = _router_actor(app_name).remote(worker, settings_env)
+    if router_is_outdated(router):
+        logger.warning("Replacing the router %s left running by an older release", router_name(app_name))
+        ray.kill(router, no_restart=True)
+        router = _router_actor(app_name).remote(worker, settings_env)
+    return router
+
+
+def router_is_outdated(router: ray.actor.ActorHandle) -> bool:
+    if not hasattr(router, "api_version"):
+        return True  # older than the versions themselves
+    try:
+        return ray.get(router.api_version.remote(), timeout=ROUTER_VERSION_TIMEOUT_S) < ROUTER_API_VERSION
+    except ray.exceptions.GetTimeoutError:
+        logger.warning("The router did not tell its version within %.0f s; keeping it", ROUTER_VERSION_TIMEOUT_S)
+        return False
+
+
+def _router_actor(app_name: str) -> Any:
+    return ray.remote(JobRouter).options(
+        name=router_name(app_name),
+        namespace=ROUTER_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+        # Every ?wait=true request holds one call open; heartbeats must still get through.
+        max_concurrency=10_000,
+        runtime_env={"env_vars": tracing.environment()},
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -171,23 +171,26 @@ def carrier(context: Context | None = None) -> Carrier:
 
 
 @contextmanager
-def job_span(name: str, job_id: str, parent: Carrier | None = None, **attributes: Any) -> Iterator[Span]:
+def job_span(
+    name: str, job_id: str, parent: Carrier | None = None, attributes: Mapping[str, Any] | None = None
+) -> Iterator[Span]:
     """A span of job `job_id`'s trace: a child of the span `parent` carries, else of the current one."""
     context = propagate.extract(parent) if parent else None
-    with tracer().start_as_current_span(name, context=context, attributes={JOB_ID: job_id, **attributes}) as span:
+    with tracer().start_as_current_span(name, context=context, attributes={JOB_ID: job_id, **(attributes or {})}) as span:
         yield span
 
 
 @contextmanager
-def enqueue_spans(submitter: Carrier | None, jobs: list[dict[str, Any]]) -> Iterator[list[Span]]:
+def enqueue_spans(submitter: Carrier | None, jobs: list[dict[str, Any]], batch: bool) -> Iterator[list[Span]]:
     """One `seidra.enqueue` span per job (`jobs` are their attributes, `seidra.job_id` included).
 
-    A lone job continues the submitter's trace (its HTTP request's); jobs submitted together each
-    start a trace of their own, linked to the submitter's span, so that each job has one trace.
+    A job submitted on its own continues the submitter's trace (its HTTP request's); the jobs of a
+    `batch` each start a trace of their own, linked to the submitter's span, so that each job has
+    one trace however many a batch holds.
     """
     parent = propagate.extract(submitter or {})
     context, links = parent, []
-    if len(jobs) > 1:
+    if batch:
         submitted_by = trace.get_current_span(parent).get_span_context()
         context, links = Context(), [Link(submitted_by)] if submitted_by.is_valid else []
     spans = [tracer().start_span("seidra.enqueue", context=context, links=links, attributes=job) for job in jobs]

@@ -55,8 +55,14 @@ ROUTER_RESTART_RETRY_AFTER_S = 5
 T = TypeVar("T")
 
 # FastAPI's own telemetry opens each request's server span (the root of a job's trace), with the
-# tracer provider that `tracing.configure` installs in the replica.
-api = FastAPI(title="SEIDRA", description="Text-to-image generation on Ray Serve", version="0.1.0")
+# tracer provider that `tracing.configure` installs in the replica. It must not add exporters of
+# its own (that provider's are set by `OTEL_*` already), and liveness probes are not worth a trace.
+api = FastAPI(
+    title="SEIDRA",
+    description="Text-to-image generation on Ray Serve",
+    version="0.1.0",
+    telemetry={"auto_configure": False, "exclude": lambda scope: scope.get("path") == "/health"},
+)
 
 
 @api.middleware("http")

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 TRACES_PATH = "/v1/traces"
+STATUS_ERROR = 2  # Status.STATUS_CODE_ERROR in OTLP
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ReceivedSpan:
     parent_span_id: str
     attributes: dict[str, Any]
     links: tuple[tuple[str, str], ...]  # (trace id, span id) pairs
-    status_code: int  # 0 unset, 1 ok, 2 error
+    status_code: int  # 0 unset, 1 ok, STATUS_ERROR
 
 
 def _value(value: AnyValue) -> Any:

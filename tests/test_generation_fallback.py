@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from storage.database import get_engine
 from storage.settings import StorageSettings
+from tests.otlp import STATUS_ERROR
 from tests.ray_app import RunningApp
 
 RUNBOOK_QUERY = """SELECT id, status, metadata->'degraded' AS degraded_info
@@ -72,6 +73,13 @@ def test_gpu_timeout_triggers_degraded_mode(app: RunningApp) -> None:
     assert all(f"trace_id={trace_id}" in text for text in logged)
     holds = app.eventually(lambda: [s for s in app.traces.spans(trace_id) if s.name == "seidra.hold"], "the hold in the trace")
     assert holds[0].attributes["seidra.reason"] == "GPU inference timeout"
+
+    def given_up() -> list[tuple[str, str]]:  # the slice that timed out, failed on both sides
+        spans = app.traces.spans(trace_id)
+        dispatches = {s.span_id for s in spans if s.name == "seidra.dispatch" and s.status_code == STATUS_ERROR}
+        return [(s.parent_span_id, s.name) for s in spans if s.name == "seidra.inference" and s.parent_span_id in dispatches and s.status_code == STATUS_ERROR]
+
+    app.eventually(given_up, "the timed-out slice's dispatch and inference spans in error")
 
     app.clear_faults()
     [done] = app.wait_for([job_id])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.otlp import ReceivedSpan
+from tests.otlp import STATUS_ERROR, ReceivedSpan
 from tests.ray_app import RunningApp
 
 # A caller's own trace (W3C example ids): the job's trace continues it.
@@ -67,6 +67,7 @@ def test_a_job_is_one_trace_from_the_http_request_to_the_database(app: RunningAp
     assert (update.service, update.parent_span_id) == ("seidra-router", dispatches[-1].span_id)
     assert update.attributes["seidra.status"] == "completed"
     assert all(span.attributes["seidra.job_id"] == job_id for span in spans if span.name in JOB_SPANS)
+    assert not [span.name for span in spans if span.status_code == STATUS_ERROR]  # a job that went well
 
 
 def test_each_job_of_a_batch_has_its_own_trace_linked_to_the_request(app: RunningApp) -> None:

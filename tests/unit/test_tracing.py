@@ -49,7 +49,7 @@ def named(exported: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
 def test_a_lone_job_continues_the_submitters_trace_and_every_later_span_joins_it(spans: InMemorySpanExporter) -> None:
     with tracing.tracer().start_as_current_span("POST /generation/single") as request:
         submitter = tracing.carrier()
-    with tracing.enqueue_spans(submitter, [{tracing.JOB_ID: "job-1", "seidra.lane": "realtime"}]) as [enqueue]:
+    with tracing.enqueue_spans(submitter, [{tracing.JOB_ID: "job-1", "seidra.lane": "realtime"}], batch=False) as [enqueue]:
         stored = tracing.job_trace(enqueue)
 
     # Later, in the router's dispatch task and then in a worker: only the stored context links them.
@@ -71,27 +71,30 @@ def test_a_lone_job_continues_the_submitters_trace_and_every_later_span_joins_it
     assert all(s.attributes[tracing.JOB_ID] == "job-1" for s in (enqueued, dispatch, update, inference))
 
 
-def test_jobs_submitted_together_each_start_a_trace_linked_to_the_submitter(spans: InMemorySpanExporter) -> None:
+@pytest.mark.parametrize("size", [1, 2])
+def test_each_job_of_a_batch_starts_a_trace_linked_to_the_submitter(spans: InMemorySpanExporter, size: int) -> None:
     with tracing.tracer().start_as_current_span("POST /generation/batch") as request:
         submitter = tracing.carrier()
-    with tracing.enqueue_spans(submitter, [{tracing.JOB_ID: "a"}, {tracing.JOB_ID: "b"}]) as enqueued:
+    with tracing.enqueue_spans(submitter, [{tracing.JOB_ID: str(i)} for i in range(size)], batch=True) as enqueued:
         ids = [tracing.job_trace(span)["trace_id"] for span in enqueued]
 
-    assert len(set(ids)) == 2 and trace.format_trace_id(request.get_span_context().trace_id) not in ids
-    for span in named(spans, "seidra.enqueue"):
+    assert len(set(ids)) == size and trace.format_trace_id(request.get_span_context().trace_id) not in ids
+    enqueue_spans = named(spans, "seidra.enqueue")
+    assert len(enqueue_spans) == size
+    for span in enqueue_spans:
         assert span.parent is None
         assert [link.context.span_id for link in span.links] == [request.get_span_context().span_id]
 
 
 def test_a_job_without_a_submitter_starts_its_own_trace(spans: InMemorySpanExporter) -> None:
-    with tracing.tracer().start_as_current_span("unrelated"), tracing.enqueue_spans(None, [{tracing.JOB_ID: "a"}]):
+    with tracing.tracer().start_as_current_span("unrelated"), tracing.enqueue_spans(None, [{tracing.JOB_ID: "a"}], batch=False):
         pass
     [enqueued] = named(spans, "seidra.enqueue")
     assert enqueued.parent is None and not enqueued.links
 
 
 def test_a_refused_submission_ends_its_spans_as_errors(spans: InMemorySpanExporter) -> None:
-    with pytest.raises(RuntimeError), tracing.enqueue_spans(None, [{tracing.JOB_ID: "a"}, {tracing.JOB_ID: "b"}]):
+    with pytest.raises(RuntimeError), tracing.enqueue_spans(None, [{tracing.JOB_ID: "a"}, {tracing.JOB_ID: "b"}], batch=True):
         raise RuntimeError("lane full")
     enqueued = named(spans, "seidra.enqueue")
     assert len(enqueued) == 2
