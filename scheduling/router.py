@@ -10,6 +10,7 @@ queue is rebuilt from the pending and running jobs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -483,7 +484,9 @@ class JobRouter:
         assert item.replica_id is not None
         response = None
         try:
-            response = self._worker.advance.remote(item, tracing.carrier())
+            # Called outside any span: the handle's first call starts its background tasks, which
+            # would otherwise keep this job's span as theirs for good.
+            response = contextvars.Context().run(self._worker.advance.remote, item, tracing.carrier())
             self._responses[item.job_id] = response
             result: WorkResult = await asyncio.wait_for(response, self._settings.inference_timeout_s)
         except asyncio.TimeoutError:
