@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Raised when the router's methods change so that an older router could not serve the new API (a
+# Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
 ROUTER_API_VERSION = 2
