@@ -41,6 +41,27 @@ def can_run(mode: str, health: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ReplicaSnapshot:
+    """What a replica says of itself with each heartbeat (and with a refusal)."""
+
+    mode: Mode
+    health: Health
+    reason: str = ""
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    last_inference_s: float | None = None
+    consecutive_failures: int = 0
+    gpu: dict[str, Any] | None = None  # the NVML reading, when there is a GPU
+    faults_injected: bool = False
+    running_jobs: tuple[str, ...] = ()  # calls still running here, a previous router's included
+
+    @property
+    def can_run(self) -> bool:
+        return can_run(self.mode, self.health)
+
+
+@dataclass(frozen=True)
 class InjectedFaults:
     """Drills and tests only: honoured by replicas started with SEIDRA_FAULT_INJECTION=1."""
 
@@ -59,8 +80,8 @@ class ReplicaDirectives:
 class ReplicaUnavailable(Exception):
     """A replica refused work: its own snapshot says it must not take any (raised inside the replica)."""
 
-    def __init__(self, replica_id: str, snapshot: dict[str, Any]) -> None:
-        super().__init__(f"replica {replica_id} is {snapshot['mode']}/{snapshot['health']}: {snapshot.get('reason')}")
+    def __init__(self, replica_id: str, snapshot: ReplicaSnapshot) -> None:
+        super().__init__(f"replica {replica_id} is {snapshot.mode.value}/{snapshot.health.value}: {snapshot.reason}")
         self.replica_id = replica_id
         self.snapshot = snapshot
 

@@ -1,16 +1,18 @@
 """Putting a job on hold while no healthy GPU can take it: the backoff and the record kept on the job.
 
 A held job stays `pending` in its place in its lane. `metadata.degraded` says why, since when, and
-when the router will try again (`retry_after_seconds`); `metadata.degraded.history` gets one entry
-per delay. The router retries earlier by itself as soon as a healthy replica reports.
+when the router will look at it again (`retry_after_seconds`). A hold episode lasts from the first
+delay to the job's next start; the router retries earlier by itself as soon as a healthy replica
+reports. However long an outage lasts, the record stays small: `history` keeps the episode's first
+and latest delays, `delays` counts them all.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Any
 
 
@@ -23,40 +25,79 @@ class Backoff:
     jitter: float = 0.2
 
     def delay_s(self, delay_number: int, rand: Callable[[], float] = random.random) -> int:
-        raw = min(self.cap_s, self.base_s * 2 ** (delay_number - 1))
+        raw = min(self.cap_s, self.base_s * 2 ** min(delay_number - 1, 64))
         spread = 1 - self.jitter + 2 * self.jitter * rand()
         return max(1, round(min(self.cap_s, raw * spread)))
 
 
-def is_held(metadata: dict[str, Any]) -> bool:
-    degraded = metadata.get("degraded")
-    return bool(degraded) and "resumed_at" not in degraded
+@dataclass(frozen=True)
+class Delay:
+    at: datetime
+    reason: str
+    replica_id: str | None
+    retry_after_s: int
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "reason": self.reason,
+            "replica_id": self.replica_id,
+            "retry_after_seconds": self.retry_after_s,
+        }
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any]) -> Delay:
+        return cls(
+            datetime.fromisoformat(document["at"]),
+            document["reason"],
+            document.get("replica_id"),
+            int(document["retry_after_seconds"]),
+        )
 
 
-def delays_so_far(metadata: dict[str, Any]) -> int:
-    """Delays in the current hold: the backoff restarts once a held job has run again."""
-    if not is_held(metadata):
-        return 0
-    return sum(1 for entry in metadata["degraded"]["history"] if entry["at"] >= metadata["degraded"]["since"])
+@dataclass(frozen=True)
+class Hold:
+    """One hold episode: its first and latest delays, and how many there were."""
+
+    first: Delay
+    last: Delay
+    delays: int = 1
+
+    @classmethod
+    def begin(cls, delay: Delay) -> Hold:
+        return cls(delay, delay)
+
+    def delayed(self, delay: Delay) -> Hold:
+        return replace(self, last=delay, delays=self.delays + 1)
+
+    def document(self) -> dict[str, Any]:
+        """`metadata.degraded` while the job waits."""
+        history = [self.first] if self.delays == 1 else [self.first, self.last]
+        return {
+            "reason": self.last.reason,
+            "since": self.first.at.isoformat(),
+            "retry_after_seconds": self.last.retry_after_s,
+            "replica_id": self.last.replica_id,
+            "delays": self.delays,
+            "history": [delay.document() for delay in history],
+        }
+
+    def resumed_document(self, at: datetime) -> dict[str, Any]:
+        """`metadata.degraded` once the job runs again: the episode stays on record."""
+        return {**self.document(), "resumed_at": at.isoformat()}
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any] | None) -> Hold | None:
+        """The episode a stored job is in, or None when it is not held (never, or resumed since)."""
+        if not document or "resumed_at" in document or not document.get("history"):
+            return None
+        history = document["history"]
+        return cls(
+            Delay.from_document(history[0]),
+            Delay.from_document(history[-1]),
+            int(document.get("delays", len(history))),
+        )
 
 
-def held(metadata: dict[str, Any], *, reason: str, replica_id: str | None, retry_after_s: int, now: datetime) -> dict[str, Any]:
-    """The job's metadata with one more delay recorded."""
-    previous = metadata.get("degraded") or {}
-    at = now.isoformat()
-    entry = {"at": at, "reason": reason, "replica_id": replica_id, "retry_after_seconds": retry_after_s}
-    degraded = {
-        "reason": reason,
-        "since": previous["since"] if is_held(metadata) else at,
-        "retry_after_seconds": retry_after_s,
-        "replica_id": replica_id,
-        "history": [*previous.get("history", []), entry],
-    }
-    return {**metadata, "degraded": degraded}
-
-
-def resumed(metadata: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The job's metadata once it runs again; its delays stay in the history."""
-    if not is_held(metadata):
-        return metadata
-    return {**metadata, "degraded": {**metadata["degraded"], "resumed_at": now.isoformat()}}
+def utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, timezone.utc)

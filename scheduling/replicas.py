@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, can_run
+from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Replica:
     replica_id: str
     slots: int
     last_seen: float
-    snapshot: dict[str, Any]
+    snapshot: ReplicaSnapshot
     running: set[str] = field(default_factory=set)  # reserved by this router
     # What the replica said it runs, at its last report; calls of a previous router included.
     reported_running: set[str] = field(default_factory=set)
@@ -46,10 +46,10 @@ class ReplicaPool:
 
     # ----- reports -----
 
-    def report(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> bool:
+    def report(self, replica_id: str, slots: int, snapshot: ReplicaSnapshot) -> bool:
         """Record a heartbeat; True when the replica is new."""
         self._seen_any = True
-        running = set(snapshot.get("running_jobs", ()))
+        running = set(snapshot.running_jobs)
         replica = self._replicas.get(replica_id)
         if replica is None:
             self._replicas[replica_id] = Replica(replica_id, slots, self._clock(), snapshot, reported_running=running)
@@ -58,7 +58,7 @@ class ReplicaPool:
         replica.reported_running = running
         return False
 
-    def note_snapshot(self, replica_id: str, snapshot: dict[str, Any]) -> None:
+    def note_snapshot(self, replica_id: str, snapshot: ReplicaSnapshot) -> None:
         """A snapshot that came with a refusal rather than a heartbeat."""
         replica = self._replicas.get(replica_id)
         if replica is not None:
@@ -73,6 +73,10 @@ class ReplicaPool:
         for replica in gone:
             del self._replicas[replica.replica_id]
         return gone
+
+    def next_expiry(self) -> float:
+        """When the quietest replica expires if it stays silent (infinity without replicas)."""
+        return min((r.last_seen + self._ttl_s for r in self._replicas.values()), default=float("inf"))
 
     def mark_degraded(self, replica_id: str, reason: str, for_s: float) -> None:
         replica = self._replicas.get(replica_id)
@@ -91,9 +95,9 @@ class ReplicaPool:
         if self._clock() < replica.degraded_until:
             return replica.degraded_reason
         snapshot = replica.snapshot
-        if not can_run(snapshot["mode"], snapshot["health"]):
-            return snapshot.get("reason") or f"mode {snapshot['mode']}, health {snapshot['health']}"
-        if self.directives(replica.replica_id).maintenance or snapshot["mode"] == Mode.MAINTENANCE.value:
+        if not snapshot.can_run:
+            return snapshot.reason or f"mode {snapshot.mode.value}, health {snapshot.health.value}"
+        if self.directives(replica.replica_id).maintenance or snapshot.mode is Mode.MAINTENANCE:
             return "maintenance"
         return None
 
@@ -110,6 +114,9 @@ class ReplicaPool:
         """In maintenance but otherwise fine: it finishes the jobs it started."""
         replica = self._replicas.get(replica_id) if replica_id else None
         return replica is not None and self.unavailable_reason(replica) == "maintenance"
+
+    def any_draining(self) -> bool:
+        return any(self.is_draining(replica_id) for replica_id in self._replicas)
 
     def assign_draining(self, job_id: str, replica_id: str) -> bool:
         """Let a job continue on the replica that started it while that replica drains."""
@@ -179,7 +186,7 @@ class ReplicaPool:
     def _row(self, replica: Replica) -> dict[str, Any]:
         reason = self.unavailable_reason(replica)
         return {
-            **replica.snapshot,
+            **asdict(replica.snapshot),
             "replica_id": replica.replica_id,
             "slots": replica.slots,
             "running": sorted(replica.running),

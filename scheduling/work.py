@@ -6,8 +6,10 @@ Latents are NumPy arrays rather than tensors so that the router can hold them wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # the router holds latents without importing NumPy itself
+    import numpy as np
 
 
 @dataclass(frozen=True)

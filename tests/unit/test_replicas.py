@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from scheduling.directives import Health, InjectedFaults
+from dataclasses import replace
+
+from scheduling.directives import Health, InjectedFaults, Mode, ReplicaSnapshot
 from scheduling.replicas import ReplicaPool
 
-HEALTHY = {"mode": "cuda", "health": "healthy", "reason": ""}
-HOT = {"mode": "degraded", "health": "degraded", "reason": "GPU temperature 95 °C >= 85 °C"}
+HEALTHY = ReplicaSnapshot(Mode.CUDA, Health.HEALTHY)
+HOT = ReplicaSnapshot(Mode.DEGRADED, Health.DEGRADED, "GPU temperature 95 °C >= 85 °C")
 
 
 class Clock:
@@ -114,7 +116,7 @@ def test_a_draining_replica_finishes_only_the_jobs_it_started() -> None:
     pool.release("a", "started-here")  # between two step slices
     pool.set_maintenance("a", True)
     assert pool.assign("new") is None
-    assert pool.is_draining("a") and not pool.is_draining("gone")
+    assert pool.is_draining("a") and not pool.is_draining("gone") and pool.any_draining()
     assert pool.assign_draining("started-here", "a") is True
     assert pool.assign_draining("another", "a") is False  # its only slot is taken
     pool.report("a", 1, HOT)
@@ -124,14 +126,16 @@ def test_a_draining_replica_finishes_only_the_jobs_it_started() -> None:
 
 def test_losing_every_replica_is_an_outage() -> None:
     pool, clock = pool_with("a")
+    assert pool.next_expiry() == 10
     clock.now = 11
     pool.expire()
     assert pool.outage_reason() == "no worker replica is reporting"
+    assert pool.next_expiry() == float("inf")
 
 
 def test_calls_a_replica_reports_count_until_they_end() -> None:
     pool, _ = pool_with("a", slots=2)
-    pool.report("a", 2, {**HEALTHY, "running_jobs": ["from-the-previous-router"]})
+    pool.report("a", 2, replace(HEALTHY, running_jobs=("from-the-previous-router",)))
     assert pool.assign("j1") == "a"
     assert pool.assign("j2") is None  # one slot is still taken by a call this router never sent
     pool.release("a", "j1")

@@ -1,0 +1,661 @@
+"""The scheduling core: every job's life is decided here, and only here.
+
+No Ray, no database, no asyncio: events come in (`submit`, `heartbeat`, `result`, `error`, `cancel`,
+`retry`, maintenance, `tick`, `recover`), and actions come out (start this job on that replica with
+this work item, write this transition, hold these jobs, cancel that call). The router actor is a
+shell that carries the actions out and feeds what happened back in, as vLLM's scheduler does with
+`schedule()` and `update_from_output()`. The clock is passed in, so tests drive time by hand.
+
+Each job the router is responsible for has one `JobRecord`; its `place` says where it is. A job
+that ends leaves the core (a cancelled one once its call has stopped), so everything the core holds
+is unfinished work.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import Enum
+from itertools import count
+from typing import Any
+
+from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
+from scheduling.hold import Backoff, Delay, Hold, utc
+from scheduling.job_queue import LaneQueues, QueuedJob
+from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane
+from scheduling.replicas import ReplicaPool
+from scheduling.work import GenerationParams, WorkItem, WorkResult
+from storage.job_status import IllegalTransition, JobStatus
+
+logger = logging.getLogger(__name__)
+
+GPU_TIMEOUT_REASON = "GPU inference timeout"
+
+
+class Place(str, Enum):
+    WAITING = "waiting"  # in its lane's queue
+    HELD = "held"  # in its lane's queue, on hold for want of a healthy GPU
+    DEFERRED = "deferred"  # out of the queue until `ready_at`: a retry countdown, a storage fault
+    RUNNING = "running"  # a call on a replica
+    STOPPING = "stopping"  # finished (cancelled) while its call still runs; leaves when the call ends
+
+
+QUEUED = frozenset({Place.WAITING, Place.HELD})
+
+
+class ErrorKind(str, Enum):
+    """Why a call failed; the shell classifies, the core decides what follows."""
+
+    GPU_TIMEOUT = "gpu-timeout"  # the replica did not answer in time: hold, count a failure
+    REPLICA_UNAVAILABLE = "replica-unavailable"  # it refused or could not be reached: hold, uncounted
+    REPLICA_LOST = "replica-lost"  # it died or went silent mid-call: re-queue, count a failure
+    STORAGE = "storage"  # the image could not be stored: retry later, uncounted, replica stays healthy
+    JOB_ERROR = "job-error"  # the pipeline raised: start over, count a failure
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    queue_limits: Mapping[Lane, int]
+    queue_full_retry_after_s: int = 5
+    steps_per_dispatch: int = 0
+    max_attempts: int = 3
+    degraded_cooldown_s: float = 60.0
+    worker_ttl_s: float = 10.0
+    hold_backoff: Backoff = Backoff()
+    storage_backoff: Backoff = Backoff(base_s=2.0, cap_s=60.0)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A stored job as the core needs it: new from `submit`, or read back by `recover`/`retry`."""
+
+    job_id: str
+    priority: int
+    arrival: float  # created_at, epoch seconds: the older job goes first within a priority
+    params: GenerationParams
+    status: JobStatus = JobStatus.PENDING
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    started: bool = False  # started_at is set
+
+    @property
+    def trace_context(self) -> dict[str, str] | None:
+        return self.metadata.get("trace_context")
+
+
+# ----- actions -----
+
+
+@dataclass(frozen=True)
+class JobWrite:
+    """One row's change, applied only while the row is in one of `from_status`.
+
+    `metadata` keys replace the stored ones (None removes one); every other key stays.
+    """
+
+    job_id: str
+    from_status: frozenset[JobStatus]
+    to_status: JobStatus
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    attempts: int | None = None
+    mark_started: bool = False
+    mark_finished: bool = False
+    reopen: bool = False  # clears error and finished_at: a retried job
+    error: str | None = None
+    result_key: str | None = None
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Write `write` (when the database must learn the job runs), then send `item` to its replica."""
+
+    item: WorkItem
+    call_id: int
+    write: JobWrite | None
+
+
+@dataclass(frozen=True)
+class Persist:
+    write: JobWrite
+
+
+@dataclass(frozen=True)
+class Finish:
+    write: JobWrite
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    job_id: str
+    lane: Lane
+    hold: Hold
+    trace_context: dict[str, str] | None
+
+    @property
+    def new_episode(self) -> bool:
+        return self.hold.delays == 1
+
+
+@dataclass(frozen=True)
+class HoldJobs:
+    """Record one delay on each job (still `pending`); notify those whose episode begins."""
+
+    jobs: tuple[HeldJob, ...]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A held job runs again: its episode ends (tell its user once)."""
+
+    job_id: str
+    hold: Hold
+
+
+@dataclass(frozen=True)
+class CancelCall:
+    job_id: str
+    call_id: int
+
+
+@dataclass(frozen=True)
+class DeleteImage:
+    """A cancelled job's call ended: whatever it stored must go."""
+
+    job_id: str
+
+
+Action = Start | Persist | Finish | HoldJobs | Resumed | CancelCall | DeleteImage
+
+
+# ----- the record -----
+
+
+@dataclass(frozen=True)
+class Call:
+    call_id: int
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the job's denoising stands after its last good slice, and on which replica it ran."""
+
+    step: int
+    latents: Any
+    replica_id: str
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    queued: QueuedJob
+    params: GenerationParams
+    trace_context: dict[str, str] | None
+    place: Place
+    db_status: JobStatus  # the status the core last wrote (or found)
+    started: bool = False
+    failures: int = 0
+    storage_faults: int = 0
+    checkpoint: Checkpoint | None = None
+    call: Call | None = None
+    hold: Hold | None = None
+    next_delay_at: float = 0.0  # while held: when the next delay is recorded if the outage lasts
+    ready_at: float = 0.0  # while deferred
+
+    @property
+    def lane(self) -> Lane:
+        return self.queued.lane
+
+
+class UnknownJob(LookupError):
+    """The core does not hold this job: it has ended, or never reached this router."""
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What the database and the core disagree on, confirmed by two reconciler rounds in a row."""
+
+    adopt: frozenset[str]  # unfinished in the database, unknown here
+    drop: frozenset[str]  # held here, ended or gone in the database
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, clock: Callable[[], float], rand: Callable[[], float] = random.random
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._rand = rand
+        self._records: dict[str, JobRecord] = {}
+        self._queue = LaneQueues(config.queue_limits, retry_after_s=config.queue_full_retry_after_s)
+        self._pool = ReplicaPool(config.worker_ttl_s, clock=clock)
+        self._call_ids = count(1)
+        self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
+
+    # ----- submissions and recovery -----
+
+    def check_room(self, lanes: Collection[Lane]) -> None:
+        """Raise QueueFullError unless jobs of `lanes` (one entry per job) all fit."""
+        for lane in Lane:
+            wanted = sum(1 for job_lane in lanes if job_lane is lane)
+            if wanted:
+                self._queue.check_room(lane, wanted)
+
+    def submit(self, jobs: Collection[JobSpec]) -> None:
+        """Stored jobs join their lanes. Call `check_room` before storing them."""
+        for spec in jobs:
+            self._enqueue(self._new_record(spec))
+
+    def recover(self, jobs: Collection[JobSpec], reason: str) -> list[Action]:
+        """Take over unfinished stored jobs (after a restart, or found by the reconciler).
+
+        A job stored as running has no call here: its answer went to a router that is gone, so it
+        runs again from the start (same object key, nothing duplicated).
+        """
+        actions: list[Action] = []
+        now = self._clock()
+        for spec in jobs:
+            if spec.job_id in self._records or spec.status.is_terminal:
+                continue
+            record = self._new_record(spec)
+            record.failures = int(spec.metadata.get("failures", 0))
+            record.hold = Hold.from_document(spec.metadata.get("degraded"))
+            if record.hold is not None:
+                record.next_delay_at = now + record.hold.last.retry_after_s
+            if spec.status is JobStatus.RUNNING:
+                actions.append(Persist(self._write(record, JobStatus.PENDING, metadata={"requeued": reason})))
+            not_before = (spec.metadata.get("retry") or {}).get("not_before")
+            not_before_s = datetime.fromisoformat(not_before).timestamp() if not_before else 0.0
+            self._defer(record, not_before_s) if not_before_s > now else self._enqueue(record)
+        return actions
+
+    def _new_record(self, spec: JobSpec) -> JobRecord:
+        return JobRecord(
+            job_id=spec.job_id,
+            queued=QueuedJob(spec.priority, spec.arrival, spec.job_id),
+            params=spec.params,
+            trace_context=spec.trace_context,
+            place=Place.WAITING,
+            db_status=spec.status,
+            started=spec.started,
+        )
+
+    # ----- replicas and operators -----
+
+    def heartbeat(self, replica_id: str, slots: int, snapshot: ReplicaSnapshot) -> ReplicaDirectives:
+        if self._pool.report(replica_id, slots, snapshot):
+            logger.info("Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot.mode.value, snapshot.health.value)
+            if snapshot.mode is Mode.MAINTENANCE:  # set before this router (re)started: keep draining
+                self._pool.set_maintenance(replica_id, True)
+        return self._pool.directives(replica_id)
+
+    def set_maintenance(self, replica_id: str | None, enabled: bool) -> list[dict[str, Any]]:
+        """Drain one replica (or all, with None): running jobs finish there, no new ones start."""
+        if replica_id is not None and replica_id not in self._pool:
+            raise KeyError(f"no worker replica {replica_id}")
+        self._pool.set_maintenance(replica_id, enabled)
+        return self._pool.describe()
+
+    def set_lane_paused(self, lane: Lane, paused: bool) -> list[str]:
+        (self._queue.paused.add if paused else self._queue.paused.discard)(lane)
+        return sorted(lane.value for lane in self._queue.paused)
+
+    def set_faults(self, replica_id: str | None, faults: InjectedFaults | None) -> list[dict[str, Any]]:
+        self._pool.set_faults(replica_id, faults)
+        return self._pool.describe()
+
+    # ----- user requests -----
+
+    def cancel(self, job_id: str) -> list[Action]:
+        """End a job `cancelled`; a running one stops at its next step boundary, its slot held until then."""
+        record = self._records.get(job_id)
+        if record is None:
+            raise UnknownJob(job_id)
+        if record.place is Place.STOPPING:
+            raise IllegalTransition(job_id, JobStatus.CANCELLED, JobStatus.CANCELLED)
+        actions: list[Action] = [Finish(self._write(record, JobStatus.CANCELLED, mark_finished=True))]
+        if record.call is not None:
+            record.place = Place.STOPPING
+            actions.append(CancelCall(job_id, record.call.call_id))
+        else:
+            self._remove(record)
+        return actions
+
+    def retry(self, job: JobSpec, countdown_s: float = 0.0) -> list[Action]:
+        """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
+
+        Raises IllegalTransition for a job that runs (between two slices included), waits normally,
+        is still stopping, or completed.
+        """
+        now = self._clock()
+        priority = job.priority if job.priority <= MAX_REALTIME_PRIORITY else DEFAULT_REALTIME_PRIORITY
+        not_before = now + countdown_s
+        metadata = {"failures": 0, "retry": {"requested_at": utc(now).isoformat(), "not_before": utc(not_before).isoformat()}}
+        record = self._records.get(job.job_id)
+        if record is None:
+            if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+                raise IllegalTransition(job.job_id, job.status, JobStatus.PENDING)
+            record = self._new_record(replace(job, priority=priority))
+            write = self._write(record, JobStatus.PENDING, metadata=metadata, reopen=True, priority=priority)
+        elif record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None):
+            self._unplace(record)
+            record.queued = replace(record.queued, priority=priority)
+            write = self._write(record, JobStatus.PENDING, metadata=metadata, priority=priority)
+        else:
+            current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
+            raise IllegalTransition(job.job_id, current, JobStatus.PENDING)
+        record.failures = 0
+        self._defer(record, not_before) if countdown_s > 0 else self._enqueue(record)
+        return [Persist(write)]
+
+    # ----- calls -----
+
+    def result(self, job_id: str, call_id: int, result: WorkResult) -> list[Action]:
+        """A slice ended well: the job completes, or waits in its place for its next slice."""
+        ended = self._end_call(job_id, call_id)
+        if ended is None:
+            return []
+        record, _ = ended
+        if record.place is Place.STOPPING:
+            self._remove(record)
+            return [DeleteImage(job_id)] if result.done else []
+        if result.done:
+            self._remove(record)
+            metadata = {"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)}
+            return [
+                Finish(self._write(record, JobStatus.COMPLETED, metadata=metadata, mark_finished=True, result_key=result.object_key))
+            ]
+        # Keeps the replica it ran on: a replica draining for maintenance finishes what it started.
+        record.checkpoint = Checkpoint(result.step, result.latents, result.replica_id)
+        self._enqueue(record)
+        return []
+
+    def error(
+        self, job_id: str, call_id: int, kind: ErrorKind, detail: str, snapshot: ReplicaSnapshot | None = None
+    ) -> list[Action]:
+        """A slice failed. The state before it (the job's checkpoint) is still good unless the job broke."""
+        ended = self._end_call(job_id, call_id)
+        if ended is None:
+            return []
+        record, replica_id = ended
+        if record.place is Place.STOPPING:
+            self._remove(record)
+            return [DeleteImage(job_id)]  # the call may have stored the image as it was cancelled
+        if kind is ErrorKind.GPU_TIMEOUT:
+            self._pool.mark_degraded(replica_id, GPU_TIMEOUT_REASON, self._config.degraded_cooldown_s)
+            return self._failed(record, GPU_TIMEOUT_REASON, hold_on=replica_id)
+        if kind is ErrorKind.REPLICA_UNAVAILABLE:
+            if snapshot is not None:
+                self._pool.note_snapshot(replica_id, snapshot)
+            else:  # no word from it: keep work away from it for a while
+                self._pool.mark_degraded(replica_id, detail, self._config.degraded_cooldown_s)
+            actions = self._back_to_pending(record, {})
+            return actions + [self._hold([record], snapshot.reason if snapshot and snapshot.reason else detail, replica_id)]
+        if kind is ErrorKind.REPLICA_LOST:
+            self._pool.forget(replica_id)
+            return self._failed(record, detail)
+        if kind is ErrorKind.STORAGE:
+            record.storage_faults += 1
+            actions = self._back_to_pending(record, {"storage_error": detail, "storage_faults": record.storage_faults})
+            delay_s = self._config.storage_backoff.delay_s(record.storage_faults, self._rand)
+            self._defer(record, self._clock() + delay_s)
+            return actions
+        record.checkpoint = None  # a run that raised may have left bad state: start over
+        return self._failed(record, detail)
+
+    def _end_call(self, job_id: str, call_id: int) -> tuple[JobRecord, str] | None:
+        """The record whose current call this is and the call's replica, its slot freed; None for a
+        call the core no longer waits on (its replica expired, the job was let go)."""
+        record = self._records.get(job_id)
+        if record is None or record.call is None or record.call.call_id != call_id:
+            return None
+        replica_id = record.call.replica_id
+        self._pool.release(replica_id, job_id)
+        record.call = None
+        return record, replica_id
+
+    def _failed(self, record: JobRecord, error: str, hold_on: str | None = None) -> list[Action]:
+        """Count a failed run: at `max_attempts` the job ends `failed`, else it waits again (held on `hold_on`)."""
+        record.failures += 1
+        metadata = {"failures": record.failures, "last_error": error}
+        if record.failures >= self._config.max_attempts:
+            self._remove(record)
+            message = f"failed {record.failures} times; last: {error}"
+            failed = self._write(
+                record, JobStatus.FAILED, metadata=metadata, mark_finished=True, error=message, attempts=record.failures
+            )
+            return [Finish(failed)]
+        logger.warning("Job %s failed (%d of %d): %s; re-queued", record.job_id, record.failures, self._config.max_attempts, error)
+        actions = self._back_to_pending(record, metadata)
+        if hold_on is None:
+            self._enqueue(record)
+            return actions
+        return actions + [self._hold([record], error, hold_on)]
+
+    def _back_to_pending(self, record: JobRecord, metadata: dict[str, Any]) -> list[Action]:
+        if record.db_status is JobStatus.PENDING and not metadata:
+            return []
+        return [Persist(self._write(record, JobStatus.PENDING, metadata=metadata))]
+
+    # ----- time -----
+
+    def tick(self) -> list[Action]:
+        """What time makes happen: silent replicas drop, countdowns end, holds, then dispatch."""
+        actions = self._expire_replicas()
+        now = self._clock()
+        for record in [r for r in self._records.values() if r.place is Place.DEFERRED and r.ready_at <= now]:
+            self._enqueue(record)
+        actions += self._hold_waiting(now)
+        actions += self.schedule()
+        return actions
+
+    def _expire_replicas(self) -> list[Action]:
+        actions: list[Action] = []
+        for replica in self._pool.expire():
+            logger.warning("Worker replica %s stopped reporting; it no longer counts", replica.replica_id)
+            for job_id in sorted(replica.running):
+                record = self._records.get(job_id)
+                if record is None or record.call is None or record.call.replica_id != replica.replica_id:
+                    continue
+                call_id = record.call.call_id
+                actions.append(CancelCall(job_id, call_id))
+                actions += self.error(job_id, call_id, ErrorKind.REPLICA_LOST, f"replica {replica.replica_id} stopped reporting")
+        return actions
+
+    def _hold_waiting(self, now: float) -> list[Action]:
+        """With no usable replica, every waiting job is held, and held again when its retry time comes."""
+        reason = self._pool.outage_reason()
+        if reason is None:
+            return []
+        due = [
+            record
+            for record in self._records.values()
+            if record.place in QUEUED and record.next_delay_at <= now and not self._continues_draining(record)
+        ]
+        if not due:
+            return []
+        actions: list[Action] = []
+        for record in due:
+            actions += self._back_to_pending(record, {})
+        return actions + [self._hold(due, reason, None)]
+
+    def _hold(self, records: list[JobRecord], reason: str, replica_id: str | None) -> HoldJobs:
+        now = self._clock()
+        held = []
+        for record in records:
+            delays = record.hold.delays + 1 if record.hold else 1
+            delay = Delay(utc(now), reason, replica_id, self._config.hold_backoff.delay_s(delays, self._rand))
+            record.hold = record.hold.delayed(delay) if record.hold else Hold.begin(delay)
+            record.next_delay_at = now + delay.retry_after_s
+            if record.place is Place.WAITING:
+                record.place = Place.HELD
+            elif record.place not in QUEUED:
+                self._enqueue(record)
+            held.append(HeldJob(record.job_id, record.lane, record.hold, record.trace_context))
+        return HoldJobs(tuple(held))
+
+    def next_wakeup(self) -> float:
+        """When `tick` next has something to do without any event: an expiry, a countdown, a delay."""
+        times = [self._pool.next_expiry()]
+        times += [r.ready_at for r in self._records.values() if r.place is Place.DEFERRED]
+        if self._pool.outage_reason() is not None:
+            times += [r.next_delay_at for r in self._records.values() if r.place in QUEUED]
+        return min(times)
+
+    # ----- dispatch -----
+
+    def schedule(self) -> list[Action]:
+        """Fill free slots: draining replicas finish their jobs, then the lanes in precedence order."""
+        starts: list[Action] = []
+        if self._pool.any_draining():
+            for record in [r for r in self._records.values() if self._continues_draining(r)]:
+                assert record.checkpoint is not None
+                if self._pool.assign_draining(record.job_id, record.checkpoint.replica_id):
+                    self._queue.remove(record.job_id)
+                    starts += self._start(record, record.checkpoint.replica_id)
+        while self._pool.usable_slots() > 0:
+            queued = self._queue.pop()
+            if queued is None:
+                break
+            record = self._records[queued.job_id]
+            replica_id = self._pool.assign(record.job_id)
+            assert replica_id is not None  # there was a usable slot
+            starts += self._start(record, replica_id)
+        return starts
+
+    def _continues_draining(self, record: JobRecord) -> bool:
+        return (
+            record.place in QUEUED
+            and record.checkpoint is not None
+            and self._pool.is_draining(record.checkpoint.replica_id)
+        )
+
+    def _start(self, record: JobRecord, replica_id: str) -> list[Action]:
+        """Reserve the call. Between two slices the database already says `running`: nothing to write."""
+        resumed: list[Action] = []
+        write = None
+        if record.db_status is JobStatus.PENDING:
+            metadata: dict[str, Any] = {}
+            if record.hold is not None:
+                metadata["degraded"] = record.hold.resumed_document(utc(self._clock()))
+                resumed.append(Resumed(record.job_id, record.hold))
+            # `attempts` counts tries: each failure makes the next start another one.
+            write = self._write(
+                record, JobStatus.RUNNING, metadata=metadata, attempts=record.failures + 1, mark_started=not record.started
+            )
+        record.hold = None
+        record.started = True
+        record.place = Place.RUNNING
+        record.call = Call(next(self._call_ids), replica_id)
+        checkpoint = record.checkpoint
+        item = WorkItem(
+            record.job_id,
+            record.params,
+            step=checkpoint.step if checkpoint else 0,
+            latents=checkpoint.latents if checkpoint else None,
+            max_steps=self._config.steps_per_dispatch,
+            replica_id=replica_id,
+            trace_context=record.trace_context,
+        )
+        return [Start(item, record.call.call_id, write), *resumed]
+
+    # ----- the database's view -----
+
+    def forget(self, job_id: str) -> list[Action]:
+        """Let go of a job the database no longer agrees on (a refused write, a reconciled divergence).
+
+        The reconciler takes it back if the database still holds it unfinished.
+        """
+        record = self._records.get(job_id)
+        if record is None:
+            return []
+        actions: list[Action] = []
+        if record.call is not None:
+            self._pool.release(record.call.replica_id, job_id)
+            actions.append(CancelCall(job_id, record.call.call_id))
+        self._remove(record)
+        return actions
+
+    def reconcile(self, stored: Mapping[str, tuple[JobStatus, Any]]) -> Divergence:
+        """Compare with the database: `stored` maps job ids to (status, updated_at) for every unfinished
+        stored job and for every job this core holds (absent: the row is gone).
+
+        A disagreement is acted on only when the next round sees it again unchanged, so writes in
+        flight between the two views are never mistaken for divergence.
+        """
+        suspects: set[tuple[str, str | None, Any]] = set()
+        for job_id, (status, updated_at) in stored.items():
+            if job_id not in self._records and not status.is_terminal:
+                suspects.add((job_id, status.value, updated_at))
+        for job_id, record in self._records.items():
+            if record.place is Place.STOPPING:
+                continue
+            status, updated_at = stored.get(job_id, (None, None))
+            if status is None or status.is_terminal:
+                suspects.add((job_id, status.value if status else None, updated_at))
+        confirmed = suspects & self._suspects
+        self._suspects = frozenset(suspects)
+        adopt = frozenset(job_id for job_id, status, _ in confirmed if job_id not in self._records)
+        drop = frozenset(job_id for job_id, _, _ in confirmed if job_id in self._records)
+        return Divergence(adopt, drop)
+
+    def job_ids(self) -> list[str]:
+        return list(self._records)
+
+    # ----- views -----
+
+    def records(self) -> Iterator[JobRecord]:
+        return iter(self._records.values())
+
+    def load(self) -> int:
+        """Jobs that want a worker slot (waiting, held, running): what the autoscaler follows."""
+        return sum(1 for record in self._records.values() if record.place is not Place.DEFERRED)
+
+    def status(self) -> dict[str, Any]:
+        counts = {place: dict.fromkeys(Lane, 0) for place in Place}
+        for record in self._records.values():
+            counts[record.place][record.lane] += 1
+        return {
+            "queues": {lane.value: self._queue.depth(lane) for lane in Lane},
+            "paused_lanes": sorted(lane.value for lane in self._queue.paused),
+            "held": {lane.value: count for lane, count in counts[Place.HELD].items()},
+            "deferred": sum(counts[Place.DEFERRED].values()),
+            "running": sum(counts[Place.RUNNING].values()) + sum(counts[Place.STOPPING].values()),
+            "usable_slots": self._pool.usable_slots(),
+            "outage": self._pool.outage_reason(),
+            "workers": self._pool.describe(),
+        }
+
+    def replicas(self) -> list[dict[str, Any]]:
+        return self._pool.describe()
+
+    # ----- moving a record between places -----
+
+    def _enqueue(self, record: JobRecord) -> None:
+        self._unplace(record)
+        self._records[record.job_id] = record
+        record.place = Place.HELD if record.hold is not None else Place.WAITING
+        self._queue.push(record.queued)
+
+    def _defer(self, record: JobRecord, until: float) -> None:
+        self._unplace(record)
+        self._records[record.job_id] = record
+        record.place = Place.DEFERRED
+        record.ready_at = until
+
+    def _unplace(self, record: JobRecord) -> None:
+        if record.place in QUEUED:
+            self._queue.remove(record.job_id)
+
+    def _remove(self, record: JobRecord) -> None:
+        self._unplace(record)
+        self._records.pop(record.job_id, None)
+
+    def _write(self, record: JobRecord, target: JobStatus, **changes: Any) -> JobWrite:
+        """The write that moves `record` to `target` in the database; the core assumes it lands."""
+        write = JobWrite(record.job_id, frozenset({record.db_status}), target, **changes)
+        record.db_status = target
+        return write
