@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITES = "seidra_writes"
 
 
 @lru_cache(maxsize=8)
@@ -38,15 +39,23 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-        # pysqlite would open the transaction only at the first write, after our status check;
-        # BEGIN IMMEDIATE takes the write lock first, so read-check-write is atomic (FOR UPDATE's role).
+        # pysqlite would open the transaction only at the first write, after our status check: we
+        # issue BEGIN ourselves.
         dbapi_connection.isolation_level = None
 
     @sa.event.listens_for(engine, "begin")
-    def _begin_immediate(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(connection: sa.Connection) -> None:
+        # A writer takes the write lock before its first read, so read-check-write is atomic (FOR
+        # UPDATE's role). A reader takes none: in WAL mode it reads a snapshot beside the writer.
+        writes = connection.get_execution_options().get(WRITES, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
     return engine
+
+
+def for_writes(engine: Engine) -> Engine:
+    """`engine`, sharing its pool, for transactions that write: on SQLite they lock at BEGIN."""
+    return engine.execution_options(**{WRITES: True})
 
 
 def alembic_config(url: str) -> "Config":

@@ -1,18 +1,31 @@
-"""The job repository. Status changes go through `JobStore.transition`, which refuses illegal ones."""
+"""The job repository. Status changes go through `JobStore.transition`, which refuses illegal ones.
+
+Methods that write run as writers (`storage.database.for_writes`): on SQLite they take the write
+lock at BEGIN, so they take turns; reads take no lock and never hold a writer up.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Session, select
 
-from storage.database import get_engine
+from storage.database import for_writes, get_engine
 from storage.job_status import IllegalTransition, JobStatus, check_transition
-from storage.models import GenerationJob, utcnow
+from storage.models import GenerationJob, IdempotencyKey, utcnow
+
+UNFINISHED = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+# Ids per IN list: far below the bound-parameter limits of SQLite (32,766) and PostgreSQL (65,535).
+IN_LIST_CHUNK = 500
+
+T = TypeVar("T")
 
 
 class JobNotFound(LookupError):
@@ -24,6 +37,41 @@ class JobNotFound(LookupError):
         return type(self), (self.job_id,)
 
 
+class IdempotencyMismatch(Exception):
+    """An idempotency key came back with a different request than the one it was first used for."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"idempotency key {key!r} was already used for a different request")
+        self.key = key
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Crosses Ray actor boundaries: rebuild from the fields, not from the message.
+        return type(self), (self.key,)
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A submission's idempotency key, per owner, and the sha256 hex of the request it came with."""
+
+    owner: str
+    key: str
+    request_hash: str
+    batch_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `JobStore.submit` stored (created) or, for a repeated request, what the first one stored."""
+
+    jobs: list[GenerationJob]
+    created: bool
+    batch_id: uuid.UUID | None
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
 def as_utc(moment: datetime | None) -> datetime | None:
     """Timestamps in UTC: SQLite hands back naive ones (written in UTC), PostgreSQL the session's zone."""
     if moment is None:
@@ -37,19 +85,112 @@ def _uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
 
 
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), IN_LIST_CHUNK):
+        yield items[start : start + IN_LIST_CHUNK]
+
+
+def _statuses(from_status: JobStatus | Collection[JobStatus]) -> frozenset[JobStatus]:
+    # A JobStatus is a str, hence a Collection itself: test for it first.
+    return frozenset({from_status}) if isinstance(from_status, JobStatus) else frozenset(from_status)
+
+
+def _shared_batch_id(jobs: Sequence[GenerationJob]) -> uuid.UUID | None:
+    batch_ids = {job.batch_id for job in jobs}
+    return batch_ids.pop() if len(batch_ids) == 1 else None
+
+
+def _by_ids(session: Session, query: Any, job_ids: Collection[uuid.UUID | str]) -> list[Any]:
+    """`query`'s rows for `job_ids`, one IN list per chunk of ids."""
+    ids = sorted({_uuid(job_id) for job_id in job_ids})
+    return [row for chunk in _chunks(ids) for row in session.exec(query.where(GenerationJob.id.in_(chunk)))]
+
+
+_STATUS_VIEW = select(GenerationJob.id, GenerationJob.status, GenerationJob.updated_at)
+
+
+def _hold_statement(dialect: str) -> sa.Update:
+    # The JSON functions edit the stored document in place: no read, so no lost update.
+    jobs = GenerationJob.__table__
+    document = sa.bindparam("document", type_=sa.String)
+    if dialect == "postgresql":
+        degraded = sa.func.jsonb_set(jobs.c.metadata, sa.literal_column("'{degraded}'"), sa.cast(document, JSONB))
+    else:
+        degraded = sa.func.json_set(jobs.c.metadata, sa.literal_column("'$.degraded'"), sa.func.json(document))
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.status == JobStatus.PENDING.value)
+        .values({jobs.c.metadata: degraded, jobs.c.updated_at: sa.bindparam("now", type_=jobs.c.updated_at.type)})
+    )
+
+
 class JobStore:
     def __init__(self, database_url: str) -> None:
         self._engine = get_engine(database_url)
+        self._writer = for_writes(self._engine)
 
     def _session(self) -> Session:
         return Session(self._engine, expire_on_commit=False)
 
+    def _write_session(self) -> Session:
+        return Session(self._writer, expire_on_commit=False)
+
     def add_all(self, jobs: Sequence[GenerationJob]) -> list[GenerationJob]:
         """Insert jobs in one transaction: all of them or none."""
-        with self._session() as session:
+        with self._write_session() as session:
             session.add_all(jobs)
             session.commit()
         return list(jobs)
+
+    def submit(self, jobs: Sequence[GenerationJob], idempotency: IdempotencyClaim | None = None) -> Submission:
+        """Insert `jobs` in one transaction, all or none; with a claim, once per (owner, key).
+
+        A claim whose key is stored already returns the jobs stored with it (as they are now, in
+        their submission order; any deleted since are left out) with created=False, if it comes
+        with the same request hash, and raises IdempotencyMismatch if not. `batch_id` is the
+        claim's (the stored one's on a repeat); without a claim, the batch all the jobs share.
+        """
+        if idempotency is None:
+            return Submission(self.add_all(jobs), created=True, batch_id=_shared_batch_id(jobs))
+        try:
+            return self._claim(jobs, idempotency)
+        except sa.exc.IntegrityError:
+            # On PostgreSQL a concurrent submission can store the key between our look-up and our
+            # insert (SQLite's writers take turns): its jobs are the answer.
+            with self._session() as session:
+                stored = session.get(IdempotencyKey, (idempotency.owner, idempotency.key))
+                if stored is None:
+                    raise  # not the key's constraint: a job id already taken
+                return self._repeat(session, stored, idempotency)
+
+    def _claim(self, jobs: Sequence[GenerationJob], claim: IdempotencyClaim) -> Submission:
+        with self._write_session() as session:
+            stored = session.get(IdempotencyKey, (claim.owner, claim.key))
+            if stored is not None:
+                return self._repeat(session, stored, claim)
+            job_ids = [str(job.id) for job in jobs]
+            key = IdempotencyKey(
+                owner=claim.owner, key=claim.key, request_hash=claim.request_hash, job_ids=job_ids, batch_id=claim.batch_id
+            )
+            # The key goes in first, so a concurrent claimant stops at it before writing any job.
+            session.add(key)
+            session.flush()
+            session.add_all(jobs)
+            session.commit()
+        return Submission(list(jobs), created=True, batch_id=claim.batch_id)
+
+    def _repeat(self, session: Session, stored: IdempotencyKey, claim: IdempotencyClaim) -> Submission:
+        if stored.request_hash != claim.request_hash:
+            raise IdempotencyMismatch(claim.key)
+        found = {str(job.id): job for job in _by_ids(session, select(GenerationJob), stored.job_ids)}
+        jobs = [found[job_id] for job_id in stored.job_ids if job_id in found]
+        return Submission(jobs, created=False, batch_id=stored.batch_id)
+
+    def delete_idempotency_keys(self, older_than: datetime) -> int:
+        """Forget the keys stored before `older_than`; a request repeated later creates new jobs."""
+        statement = sa.delete(IdempotencyKey).where(IdempotencyKey.created_at < as_utc(older_than))
+        with self._writer.begin() as connection:
+            return connection.execute(statement).rowcount
 
     def get(self, job_id: uuid.UUID | str) -> GenerationJob:
         with self._session() as session:
@@ -77,6 +218,24 @@ class JobStore:
         with self._session() as session:
             return list(session.exec(query))
 
+    def get_many(self, job_ids: Collection[str]) -> list[GenerationJob]:
+        """The jobs among `job_ids` that exist, in dispatch order (priority, arrival, id)."""
+        with self._session() as session:
+            jobs: list[GenerationJob] = _by_ids(session, select(GenerationJob), job_ids)
+        return sorted(jobs, key=lambda job: (job.priority, job.created_at, job.id))
+
+    def statuses(self, job_ids: Collection[str]) -> dict[str, tuple[str, datetime]]:
+        """id -> (status, updated_at in UTC) for those of `job_ids` that exist."""
+        with self._session() as session:
+            rows = _by_ids(session, _STATUS_VIEW, job_ids)
+        return {str(job_id): (status, as_utc(updated_at)) for job_id, status, updated_at in rows}
+
+    def unfinished_view(self) -> dict[str, tuple[str, datetime]]:
+        """id -> (status, updated_at in UTC) of the pending and running jobs, reading nothing else."""
+        with self._session() as session:
+            rows = session.exec(_STATUS_VIEW.where(GenerationJob.status.in_(UNFINISHED))).all()
+        return {str(job_id): (status, as_utc(updated_at)) for job_id, status, updated_at in rows}
+
     def existing_ids(self, job_ids: Sequence[uuid.UUID | str]) -> set[str]:
         query = select(GenerationJob.id).where(GenerationJob.id.in_([_uuid(job_id) for job_id in job_ids]))
         with self._session() as session:
@@ -91,7 +250,7 @@ class JobStore:
         """Pending and running jobs in dispatch order, to rebuild the router's queue."""
         query = (
             select(GenerationJob)
-            .where(GenerationJob.status.in_([JobStatus.PENDING.value, JobStatus.RUNNING.value]))
+            .where(GenerationJob.status.in_(UNFINISHED))
             .order_by(GenerationJob.priority, GenerationJob.created_at, GenerationJob.id)
         )
         with self._session() as session:
@@ -105,20 +264,20 @@ class JobStore:
         metadata_patch: dict[str, Any] | None = None,
         edit_metadata: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         count_attempt: bool = False,
-        from_status: JobStatus | None = None,
+        from_status: JobStatus | Collection[JobStatus] | None = None,
         **changes: Any,
     ) -> GenerationJob:
         """Move a job to `target`, setting `changes` (and counting an attempt) in one transaction.
 
-        With `from_status`, only a job in that status moves (IllegalTransition otherwise): the
-        caller's belief about the job is checked, not just the state machine. The row is locked
-        (FOR UPDATE; BEGIN IMMEDIATE on SQLite), so two writers cannot both move a job out of the
-        same status, and `edit_metadata` reads and writes in the same lock.
+        With `from_status` (a status or several), only a job in it moves (IllegalTransition
+        otherwise): the caller's belief about the job is checked, not just the state machine. The
+        row is locked (FOR UPDATE; BEGIN IMMEDIATE on SQLite), so two writers cannot both move a
+        job out of the same status, and `edit_metadata` reads and writes in the same lock.
         """
-        with self._session() as session:
+        with self._write_session() as session:
             job = self._locked(session, job_id)
             current = JobStatus(job.status)
-            if from_status is not None and current is not from_status:
+            if from_status is not None and current not in _statuses(from_status):
                 raise IllegalTransition(str(job.id), current, target)
             check_transition(str(job.id), current, target)
             job.status = target.value
@@ -135,7 +294,7 @@ class JobStore:
         **changes: Any,
     ) -> GenerationJob | None:
         """Change a job without changing its status, if it still has `while_status`; else None."""
-        with self._session() as session:
+        with self._write_session() as session:
             job = self._locked(session, job_id)
             if job.status != while_status.value:
                 return None
@@ -165,6 +324,21 @@ class JobStore:
         session.add(job)
         session.commit()
         return job
+
+    def hold_many(self, holds: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        """Set `metadata.degraded` to each (job id, document) on jobs still pending, nothing else.
+
+        One UPDATE executed with a parameter set per hold, in one transaction; the rest of each
+        job's metadata is left as it is in the row. Returns the rows changed, as the driver sums
+        them over the parameter sets (sqlite3 and psycopg 3 both do): jobs no longer pending, or
+        gone, count 0; an id given twice counts twice.
+        """
+        if not holds:
+            return 0
+        now = utcnow()
+        params = [{"job_id": _uuid(job_id), "document": json.dumps(document), "now": now} for job_id, document in holds]
+        with self._writer.begin() as connection:
+            return connection.execute(_hold_statement(connection.dialect.name), params).rowcount
 
     def count_by_status(self) -> dict[str, int]:
         query = select(GenerationJob.status, sa.func.count()).group_by(GenerationJob.status)

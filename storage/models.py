@@ -23,15 +23,27 @@ def _timestamp(nullable: bool = True) -> Any:
     return Field(default=None, sa_type=sa.DateTime(timezone=True), nullable=nullable)
 
 
+def _newest_first(table: str, *leading: str) -> sa.Index:
+    """An index for a listing filtered on `leading` and ordered `created_at DESC, id`, read in order."""
+    return sa.Index(f"ix_{table}_{'_'.join((*leading, 'created_at', 'id'))}", *leading, sa.desc("created_at"), "id")
+
+
 class GenerationJob(SQLModel, table=True):
     __tablename__ = "generation_jobs"
-    __table_args__ = (sa.Index("ix_generation_jobs_status_lane", "status", "lane"),)
+    __table_args__ = (
+        _newest_first("generation_jobs"),
+        _newest_first("generation_jobs", "status"),
+        _newest_first("generation_jobs", "lane"),
+        _newest_first("generation_jobs", "batch_id"),
+        # The router's queue rebuild: unfinished jobs in dispatch order.
+        sa.Index("ix_generation_jobs_status_priority_created_at_id", "status", "priority", "created_at", "id"),
+    )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    status: str = Field(default=JobStatus.PENDING.value, max_length=16, index=True)
+    status: str = Field(default=JobStatus.PENDING.value, max_length=16)
     lane: str = Field(max_length=16)
     priority: int
-    batch_id: uuid.UUID | None = Field(default=None, index=True)
+    batch_id: uuid.UUID | None = None
 
     prompt: str = Field(sa_type=sa.Text)
     negative_prompt: str | None = Field(default=None, sa_type=sa.Text)
@@ -55,9 +67,29 @@ class GenerationJob(SQLModel, table=True):
 
 class Notification(SQLModel, table=True):
     __tablename__ = "notifications"
+    __table_args__ = (
+        _newest_first("notifications"),
+        # Leading job_id also serves the cascade from generation_jobs.
+        _newest_first("notifications", "job_id"),
+        _newest_first("notifications", "level"),
+    )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    job_id: uuid.UUID | None = Field(default=None, foreign_key="generation_jobs.id", index=True, ondelete="CASCADE")
-    level: str = Field(max_length=16, index=True)
+    job_id: uuid.UUID | None = Field(default=None, foreign_key="generation_jobs.id", ondelete="CASCADE")
+    level: str = Field(max_length=16)
     message: str = Field(sa_type=sa.Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A submission's `Idempotency-Key`: a retry with the same key gets the jobs it created."""
+
+    __tablename__ = "idempotency_keys"
+
+    # Empty until API keys give requests an owner; keys are unique per owner.
+    owner: str = Field(default="", max_length=64, primary_key=True, sa_column_kwargs={"server_default": ""})
+    key: str = Field(max_length=255, primary_key=True)
+    request_hash: str = Field(max_length=64)  # sha256 hex of the request body
+    job_ids: list[str] = Field(sa_column=sa.Column(JSON_DOCUMENT, nullable=False))
+    batch_id: uuid.UUID | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False, index=True)

@@ -9,7 +9,7 @@ import pytest
 from storage.job_status import IllegalTransition, JobStatus, check_transition
 
 P, R, C, F, X = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-LEGAL = {(P, R), (P, X), (R, C), (R, F), (R, P), (F, P), (X, P)}
+LEGAL = {(P, R), (P, X), (R, C), (R, F), (R, P), (R, X), (F, P), (X, P)}
 
 
 @pytest.mark.parametrize(("current", "target"), list(itertools.product(JobStatus, JobStatus)))
