@@ -246,8 +246,8 @@ def test_get_many_in_dispatch_order(store: JobStore, database_url: str) -> None:
     with statements(database_url) as seen:
         loaded = store.get_many([*reversed(ids(jobs)), str(uuid.uuid4())])
     assert len(seen) == 3
-    by_arrival = {str(job.id): n for n, job in enumerate(jobs)}
-    assert ids(loaded) == sorted(ids(jobs), key=lambda job_id: (int(by_arrival[job_id]) % 10, by_arrival[job_id]))
+    arrival = {str(job.id): n for n, job in enumerate(jobs)}  # created_at follows it
+    assert ids(loaded) == sorted(ids(jobs), key=lambda job_id: (arrival[job_id] % 10, arrival[job_id]))
     assert store.get_many([]) == []
 
 
@@ -316,9 +316,10 @@ def test_hold_many_marks_only_pending_jobs_with_one_statement(store: JobStore, d
     assert sql.startswith("UPDATE generation_jobs SET") and executemany and len(parameters) == 1000
     assert changed == 400
 
-    for job, loaded in zip(jobs, sorted(store.get_many(ids(jobs)), key=lambda job: ids(jobs).index(str(job.id)))):
+    loaded_by_id = {str(job.id): job for job in store.get_many(ids(jobs))}
+    for job, (job_id, document) in zip(jobs, holds):
+        loaded = loaded_by_id[job_id]
         if job.status == "pending":
-            _, document = holds[ids(jobs).index(str(job.id))]
             assert loaded.meta == {**job.meta, "degraded": document}
             assert as_utc(loaded.updated_at) > as_utc(job.updated_at)
         else:
