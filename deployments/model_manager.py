@@ -13,8 +13,7 @@ from typing import Any
 
 from deployments.nvml import GpuLost, GpuReader, GpuReading
 from deployments.settings import WorkerSettings
-from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives
-from scheduling.settings import RouterSettings
+from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
 
 HARDWARE_THROTTLES = frozenset({"hw_thermal_slowdown", "hw_power_brake_slowdown"})
 
@@ -28,8 +27,7 @@ class ReplicaFacts:
     gpu_error: str | None
     maintenance: bool
     consecutive_failures: int
-    seconds_since_timeout: float | None
-    seconds_stuck: float | None  # a call cancelled by its timeout whose thread still runs
+    seconds_stuck: float | None  # a cancelled call whose pipeline thread still runs
     injected_health: Health | None
 
 
@@ -37,7 +35,7 @@ class ReplicaFacts:
 class Thresholds:
     max_temperature_c: float
     unhealthy_after_failures: int
-    degraded_cooldown_s: float
+    stuck_after_s: float
 
 
 def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
@@ -52,8 +50,8 @@ def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
         return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.gpu.ecc_uncorrected_errors} uncorrectable ECC errors"
     if facts.consecutive_failures >= limits.unhealthy_after_failures:
         return Mode.DEGRADED, Health.UNHEALTHY, f"{facts.consecutive_failures} jobs in a row failed here"
-    if facts.seconds_stuck is not None and facts.seconds_stuck >= limits.degraded_cooldown_s:
-        return Mode.DEGRADED, Health.UNHEALTHY, f"an inference still runs {facts.seconds_stuck:.0f} s after its timeout"
+    if facts.seconds_stuck is not None and facts.seconds_stuck >= limits.stuck_after_s:
+        return Mode.DEGRADED, Health.UNHEALTHY, f"an inference still runs {facts.seconds_stuck:.0f} s after it was cancelled"
     if facts.gpu and facts.gpu.temperature_c >= limits.max_temperature_c:
         return (
             Mode.DEGRADED,
@@ -63,8 +61,6 @@ def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
     throttles = HARDWARE_THROTTLES.intersection(facts.gpu.throttle_reasons) if facts.gpu else set()
     if throttles:
         return Mode.DEGRADED, Health.DEGRADED, f"GPU throttled: {', '.join(sorted(throttles))}"
-    if facts.seconds_since_timeout is not None and facts.seconds_since_timeout < limits.degraded_cooldown_s:
-        return Mode.DEGRADED, Health.DEGRADED, "GPU inference timeout"
     if facts.injected_health is Health.DEGRADED:
         return Mode.DEGRADED, Health.DEGRADED, "injected fault: degraded"
     # After the sicknesses: maintenance drains only a replica that can still run its jobs.
@@ -80,21 +76,17 @@ class ModelManager:
         gpu_reader: GpuReader,
         load_pipeline: Callable[[], Any],
         clock: Callable[[], float] = time.monotonic,
-        degraded_cooldown_s: float | None = None,
     ) -> None:
         self._settings = settings
         self._gpu_reader = gpu_reader
         self._clock = clock
-        # The router keeps a timed-out replica out of rotation for the same cooldown.
-        cooldown_s = RouterSettings().degraded_cooldown_s if degraded_cooldown_s is None else degraded_cooldown_s
-        self._limits = Thresholds(settings.max_gpu_temperature_c, settings.unhealthy_after_failures, cooldown_s)
+        self._limits = Thresholds(settings.max_gpu_temperature_c, settings.unhealthy_after_failures, settings.stuck_inference_after_s)
         self.directives = ReplicaDirectives()
         self.runner: Any = None
         self._load_error: str | None = None
         self._last_inference_s: float | None = None
         # Distinct jobs that failed in a row: one broken job retried here must not condemn the GPU.
         self._failing_jobs: set[str] = set()
-        self._last_timeout_at: float | None = None
         self._cancelled_call_at: float | None = None
         try:
             self.runner = load_pipeline()
@@ -118,8 +110,13 @@ class ModelManager:
     def record_failure(self, job_id: str) -> None:
         self._failing_jobs.add(job_id)
 
-    def record_timeout(self) -> None:
-        self._last_timeout_at = self._cancelled_call_at = self._clock()
+    def record_cancelled(self) -> None:
+        """The router gave up on the running call (a timeout, a cancelled job): it should stop within a step.
+
+        Whether it timed out is the router's to judge (it keeps such a replica out of rotation for a
+        while); here only a call that does not stop says something about the GPU.
+        """
+        self._cancelled_call_at = self._clock()
 
     def record_call_ended(self) -> None:
         self._cancelled_call_at = None
@@ -134,11 +131,10 @@ class ModelManager:
             reading = replace(reading or _placeholder_gpu(), temperature_c=faults.temperature_c)
         return reading, None
 
-    def get_status_snapshot(self) -> dict[str, Any]:
+    def get_status_snapshot(self) -> ReplicaSnapshot:
         gpu, gpu_error = self._gpu()
         faults = self.faults
         now = self._clock()
-        since_timeout = None if self._last_timeout_at is None else now - self._last_timeout_at
         facts = ReplicaFacts(
             base_mode=self.base_mode,
             loaded=self.runner is not None,
@@ -147,23 +143,22 @@ class ModelManager:
             gpu_error=gpu_error,
             maintenance=self.directives.maintenance,
             consecutive_failures=len(self._failing_jobs),
-            seconds_since_timeout=since_timeout,
             seconds_stuck=None if self._cancelled_call_at is None else now - self._cancelled_call_at,
             injected_health=faults.health if faults else None,
         )
         mode, health, reason = assess(facts, self._limits)
-        return {
-            "mode": mode.value,
-            "health": health.value,
-            "reason": reason,
-            "model": self._settings.model,
-            "device": getattr(self.runner, "device", None),
-            "dtype": str(getattr(self.runner, "dtype", "")).removeprefix("torch.") or None,
-            "last_inference_s": self._last_inference_s,
-            "consecutive_failures": len(self._failing_jobs),
-            "gpu": gpu.as_dict() if gpu else None,
-            "faults_injected": faults is not None,
-        }
+        return ReplicaSnapshot(
+            mode=mode,
+            health=health,
+            reason=reason,
+            model=self._settings.model,
+            device=getattr(self.runner, "device", None),
+            dtype=str(getattr(self.runner, "dtype", "")).removeprefix("torch.") or None,
+            last_inference_s=self._last_inference_s,
+            consecutive_failures=len(self._failing_jobs),
+            gpu=gpu.as_dict() if gpu else None,
+            faults_injected=faults is not None,
+        )
 
 
 def _placeholder_gpu() -> GpuReading:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
 from deployments.settings import WorkerSettings
+from scheduling.directives import InferenceTimeout
 from scheduling.work import GenerationParams, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ class DiffusionRunner:
     def advance(self, item: WorkItem, control: StepControl | None = None) -> SliceOutput:
         """Run up to `item.max_steps` denoising steps; decode and encode a PNG on the last one.
 
-        Raises `Interrupted` when `control` is cancelled before the slice ends.
+        Raises `Interrupted` when `control` is cancelled before the slice ends, and
+        `InferenceTimeout` when its deadline passes first.
         """
         control = control or StepControl()
         params = item.params
@@ -100,6 +103,8 @@ class DiffusionRunner:
             output = self.pipeline(**kwargs).images
         if control.cancelled.is_set():
             raise Interrupted(f"job {item.job_id} was cancelled at a step boundary")
+        if control.timed_out:
+            raise InferenceTimeout(item.job_id, item.timeout_s)
         if stop < total:
             return SliceOutput(step=stop, total_steps=total, latents=output.float().cpu().numpy())
         return SliceOutput(step=total, total_steps=total, png=_png(output[0]))
@@ -136,20 +141,25 @@ class Interrupted(RuntimeError):
 
 
 class StepControl:
-    """The `callback_on_step_end` hook: ends a slice after `stop_after` steps or on cancellation.
+    """The `callback_on_step_end` hook: ends a slice after `stop_after` steps, on cancellation, or
+    at the first step boundary past `deadline` (a `time.monotonic()` value).
 
     `step_delay_s` slows each step down; it exists for fault-injection drills only.
     """
 
-    def __init__(self, step_delay_s: float = 0.0) -> None:
+    def __init__(self, step_delay_s: float = 0.0, deadline: float | None = None) -> None:
         self.stop_after = 0
         self.step_delay_s = step_delay_s
+        self.deadline = deadline
         self.cancelled = threading.Event()
+        self.timed_out = False
 
     def __call__(self, pipeline: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.step_delay_s:
             self.cancelled.wait(self.step_delay_s)
-        if index + 1 >= self.stop_after or self.cancelled.is_set():
+        if self.deadline is not None and time.monotonic() >= self.deadline and index + 1 < self.stop_after:
+            self.timed_out = True
+        if index + 1 >= self.stop_after or self.cancelled.is_set() or self.timed_out:
             pipeline._interrupt = True  # the pipelines' own flag: the remaining steps are skipped
         return callback_kwargs
 

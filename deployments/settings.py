@@ -32,6 +32,9 @@ class WorkerSettings(BaseSettings):
     )
     max_gpu_temperature_c: float = Field(85.0, gt=0, description="At or above this GPU temperature a replica is degraded.")
     unhealthy_after_failures: int = Field(3, ge=1, description="Consecutive inference failures that make a replica unhealthy.")
+    stuck_inference_after_s: float = Field(
+        60.0, gt=0, description="A cancelled inference still running this long makes its replica unhealthy (Serve replaces it)."
+    )
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period of worker replicas.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout of worker replicas.")
     fault_injection: bool = Field(

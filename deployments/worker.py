@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
@@ -22,16 +23,18 @@ from deployments.nvml import NoGpu, open_gpu_reader
 from deployments.settings import WorkerSettings
 from scheduling import metrics, tracing
 from scheduling.assigned_replica import AssignedReplicaRouter
-from scheduling.directives import ReplicaUnavailable, can_run
-from scheduling.router import get_router
+from scheduling.directives import Health, ReplicaSnapshot, ReplicaUnavailable, StorageUnavailable
+from scheduling.hold import Backoff
+from scheduling.router_lookup import get_router
 from scheduling.work import WorkItem, WorkResult
-from storage.object_store import image_key, open_object_store
+from storage.object_store import ObjectStore, image_key, open_object_store
 from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
 
 # One pipeline, one job at a time: a second request would only wait on the pipeline's lock.
 SLOTS_PER_REPLICA = 1
+UPLOAD_BACKOFF = Backoff(base_s=0.5, cap_s=8.0, jitter=0.2)
 
 
 @serve.deployment(
@@ -51,7 +54,8 @@ class DiffusionWorker:
         self._settings = WorkerSettings()
         gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
         self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
-        self._store = open_object_store(StorageSettings())
+        self._storage = StorageSettings()
+        self._store: ObjectStore | None = None  # opened on first upload: S3 may be down as the replica starts
         context = serve.get_replica_context()
         self._replica_id, self._app_name = context.replica_id.unique_id, context.app_name
         self._running_jobs: set[str] = set()  # reported, so a restarted router does not overbook
@@ -60,14 +64,14 @@ class DiffusionWorker:
     async def advance(self, item: WorkItem, trace_context: tracing.Carrier | None = None) -> WorkResult:
         """Run one step slice of `item`; `trace_context` is the router's dispatch span."""
         snapshot = self.model_manager.get_status_snapshot()
-        if not can_run(snapshot["mode"], snapshot["health"]):
+        if not snapshot.can_run:
             raise ReplicaUnavailable(self._replica_id, snapshot)
         attributes = {"seidra.replica_id": self._replica_id, "seidra.step": item.step}
         with tracing.job_span("seidra.inference", item.job_id, trace_context, attributes) as span:
             try:
                 result = await self._advance(item)
             except asyncio.CancelledError:  # not an Exception: OpenTelemetry would not mark it
-                tracing.mark_failed(span, "given up by the router (inference timeout)")
+                tracing.mark_failed(span, "given up by the router (a timeout or a cancelled job)")
                 raise
             span.set_attribute("seidra.step_reached", result.step)
             return result
@@ -76,23 +80,25 @@ class DiffusionWorker:
         from deployments.pipeline import StepControl
 
         faults = self.model_manager.faults
-        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0)
         started = time.perf_counter()
+        deadline = time.monotonic() + item.timeout_s if item.timeout_s else None
+        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0, deadline=deadline)
         try:
             if faults and faults.fail_inference:
                 raise RuntimeError("injected inference failure")
             output = await asyncio.shield(self._start_inference(item, control))
-            object_key = await self._store_image(item.job_id, output.png)
         except asyncio.CancelledError:
-            # The router gave up on this call (inference timeout): stop at the next step boundary.
+            # The router gave up on this call (a timeout, a cancelled job): stop at the next step boundary.
             control.cancelled.set()
-            self.model_manager.record_timeout()
+            self.model_manager.record_cancelled()
             raise
         except Exception:
             self.model_manager.record_failure(item.job_id)
             raise
         duration_s = time.perf_counter() - started
         self.model_manager.record_success(duration_s)
+        # After the GPU's part: an object store that fails is a storage fault, not a sick GPU.
+        object_key = await self._store_image(item.job_id, output.png)
         if output.step > item.step:
             step_s = duration_s / (output.step - item.step)
             metrics.worker_metrics()["step"].observe(step_s, tags={"replica": self._replica_id})
@@ -121,21 +127,39 @@ class DiffusionWorker:
         return work
 
     async def _store_image(self, job_id: str, png: bytes | None) -> str | None:
+        """Put the image, retrying with backoff for `upload_timeout_s`; then StorageUnavailable."""
         if png is None:
             return None
         key = image_key(job_id)
-        with tracing.job_span("seidra.upload", job_id, attributes={"seidra.object_key": key, "seidra.bytes": len(png)}):
-            await asyncio.to_thread(self._store.put, key, png, "image/png")
-        return key
+        deadline = time.monotonic() + self._storage.upload_timeout_s
+        with tracing.job_span("seidra.upload", job_id, attributes={"seidra.object_key": key, "seidra.bytes": len(png)}) as span:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await asyncio.to_thread(self._put, key, png)
+                    return key
+                except Exception as error:
+                    delay_s = UPLOAD_BACKOFF.delay_s(attempt)
+                    if time.monotonic() + delay_s > deadline:
+                        tracing.mark_failed(span, f"{type(error).__name__}: {error}")
+                        raise StorageUnavailable(job_id, f"{type(error).__name__}: {error}") from error
+                    logger.warning("Storing %s failed (%s: %s); retry %d in %d s", key, type(error).__name__, error, attempt, delay_s)
+                    await asyncio.sleep(delay_s)
 
-    def get_status_snapshot(self) -> dict[str, Any]:
-        return {**self.model_manager.get_status_snapshot(), "running_jobs": sorted(self._running_jobs)}
+    def _put(self, key: str, png: bytes) -> None:
+        if self._store is None:
+            self._store = open_object_store(self._storage)
+        self._store.put(key, png, "image/png")
+
+    def get_status_snapshot(self) -> ReplicaSnapshot:
+        return replace(self.model_manager.get_status_snapshot(), running_jobs=tuple(sorted(self._running_jobs)))
 
     def check_health(self) -> None:
         """Serve replaces a replica whose health check raises."""
         snapshot = self.model_manager.get_status_snapshot()
-        if snapshot["health"] == "unhealthy":
-            raise RuntimeError(f"replica {self._replica_id} is unhealthy: {snapshot['reason']}")
+        if snapshot.health is Health.UNHEALTHY:
+            raise RuntimeError(f"replica {self._replica_id} is unhealthy: {snapshot.reason}")
 
     def _record_gpu(self, gpu: dict[str, Any] | None) -> None:
         if gpu is None:
@@ -149,7 +173,7 @@ class DiffusionWorker:
         while True:
             try:
                 snapshot = self.get_status_snapshot()
-                self._record_gpu(snapshot.get("gpu"))
+                self._record_gpu(snapshot.gpu)
                 self.model_manager.directives = await get_router(self._app_name).heartbeat.remote(
                     self._replica_id, SLOTS_PER_REPLICA, snapshot
                 )

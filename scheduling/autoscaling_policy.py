@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from scheduling.names import ROUTER_NAMESPACE, router_name
+from scheduling.router_lookup import ROUTER_NAMESPACE, router_name
 
 logger = logging.getLogger("ray.serve")
 

@@ -87,3 +87,30 @@ class ReplicaUnavailable(Exception):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return type(self), (self.replica_id, self.snapshot)
+
+
+class InferenceTimeout(Exception):
+    """A slice did not finish within its `WorkItem.timeout_s` (raised inside the replica, at a step boundary)."""
+
+    def __init__(self, job_id: str, timeout_s: float) -> None:
+        super().__init__(f"job {job_id}: the slice did not finish within {timeout_s:g} s")
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.job_id, self.timeout_s)
+
+
+class StorageUnavailable(Exception):
+    """A replica computed an image but could not store it, even after retrying (raised inside the replica).
+
+    A storage fault, not a GPU one: the replica stays healthy and the job costs no attempt.
+    """
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"the image of job {job_id} could not be stored: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.job_id, self.reason)

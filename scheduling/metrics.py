@@ -79,3 +79,12 @@ def http_requests() -> Counter:
 @cache
 def storage_errors() -> Counter:
     return Counter("seidra_storage_errors", description="Storage calls that failed and were retried.", tag_keys=("call",))
+
+
+@cache
+def reconciler_repairs() -> Counter:
+    return Counter(
+        "seidra_reconciler_repairs",
+        description="Jobs the reconciler repaired: adopted (unfinished in the database, unknown to the router) or dropped.",
+        tag_keys=("repair",),
+    )

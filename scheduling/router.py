@@ -1,147 +1,141 @@
-"""The priority router: one named Ray actor that owns the waiting queue and dispatches jobs.
+"""The priority router: one named Ray actor, the shell around the scheduling core.
 
-It dispatches only into free slots of usable replicas, so jobs never wait inside a replica where a
-later realtime job could not overtake them. When no healthy GPU can take work, waiting jobs are
-put on hold (still `pending`, in their place, with `metadata.degraded`) and run again by
-themselves once a replica reports healthy. The database is the source of truth: on (re)start the
-queue is rebuilt from the pending and running jobs.
+`scheduling.scheduler` decides everything about a job's life; this actor carries the decisions out
+(database writes through `JobWriter`, worker calls through `WorkerCalls`, spans, metrics, logs) and
+feeds back what happened. The database is the source of truth: the router rebuilds the core from it
+when it starts (in the background, retrying while the database is down: until then the API answers
+503 with Retry-After), and a reconciler compares the two every `reconcile_interval_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import replace
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from datetime import timedelta
+from typing import Any
 
 import ray
-import sqlalchemy.exc
-from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from scheduling import metrics, tracing
-from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaUnavailable
-from scheduling.hold import Backoff, delays_so_far, held, is_held, resumed
-from scheduling.job_queue import LaneQueues, QueuedJob
-from scheduling.lanes import (
-    DEFAULT_REALTIME_PRIORITY,
-    MAX_REALTIME_PRIORITY,
-    Lane,
-    lane_for,
+from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaSnapshot
+from scheduling.hold import Backoff
+from scheduling.job_writer import STORAGE_OUTAGES, JobWriter
+from scheduling.lanes import Lane, lane_for
+from scheduling.router_lookup import ROUTER_NAMESPACE, get_router, router_name
+from scheduling.scheduler import (
+    Action,
+    CancelCall,
+    DeleteImage,
+    ErrorKind,
+    Finish,
+    HoldJobs,
+    JobSpec,
+    JobWrite,
+    Persist,
+    Resumed,
+    Scheduler,
+    SchedulerConfig,
+    Start,
+    UnknownJob,
 )
-from scheduling.names import ROUTER_NAMESPACE, router_name
-from scheduling.replicas import ReplicaPool
 from scheduling.settings import RouterSettings
-from scheduling.work import GenerationParams, WorkItem, WorkResult
-from storage.job_status import IllegalTransition, JobStatus
-from storage.jobs import JobNotFound, JobStore, as_utc
+from scheduling.work import GenerationParams
+from scheduling.worker_calls import CallFailed, WorkerCalls
+from storage.job_status import JobStatus
+from storage.jobs import IdempotencyClaim, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob, utcnow
 from storage.notifications import Level, NotificationService
+from storage.object_store import ObjectStore, image_key, open_object_store
 from storage.settings import StorageSettings
 
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+__all__ = ["JobRouter", "RouterUnavailable", "get_or_create_router", "get_router"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
-ROUTER_API_VERSION = 2
+ROUTER_API_VERSION = 3
 ROUTER_VERSION_TIMEOUT_S = 60.0
-STORAGE_RETRY_MAX_S = 30.0
-STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-GPU_TIMEOUT_REASON = "GPU inference timeout"
 
 
-def queued_job(job: GenerationJob) -> QueuedJob:
-    return QueuedJob(job.priority, as_utc(job.created_at).timestamp(), str(job.id))
+class RouterUnavailable(Exception):
+    """The router cannot take requests yet (recovering) or its database is unreachable: come back later."""
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.reason, self.retry_after_s)
 
 
-def job_params(job: GenerationJob) -> GenerationParams:
-    return GenerationParams(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        width=job.width,
-        height=job.height,
-        num_inference_steps=job.num_inference_steps,
-        guidance_scale=job.guidance_scale,
-        seed=job.seed,
+def scheduler_config(settings: RouterSettings) -> SchedulerConfig:
+    return SchedulerConfig(
+        queue_limits={Lane.REALTIME: settings.max_realtime_queue, Lane.BATCH: settings.max_batch_queue},
+        queue_full_retry_after_s=settings.queue_full_retry_after_s,
+        steps_per_dispatch=settings.steps_per_dispatch,
+        max_attempts=settings.max_attempts,
+        degraded_cooldown_s=settings.degraded_cooldown_s,
+        worker_ttl_s=settings.worker_ttl_s,
+        hold_backoff=Backoff(settings.hold_base_s, settings.hold_cap_s, settings.hold_jitter),
+        storage_backoff=Backoff(settings.hold_base_s, settings.hold_cap_s, settings.hold_jitter),
     )
 
 
-def _cause(error: BaseException) -> BaseException:
-    """The exception raised inside the replica, for errors that come back wrapped by Ray."""
-    return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
-
-
-def _span_attributes(job: GenerationJob) -> dict[str, Any]:
-    batch = {"seidra.batch_id": str(job.batch_id)} if job.batch_id else {}
-    return {tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority, **batch}
-
-
-def _count_failure(error: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    return lambda meta: {**meta, "failures": meta.get("failures", 0) + 1, "last_error": error}
+def job_spec(job: GenerationJob) -> JobSpec:
+    params = GenerationParams(
+        job.prompt, job.negative_prompt, job.width, job.height, job.num_inference_steps, job.guidance_scale, job.seed
+    )
+    arrival = as_utc(job.created_at).timestamp()  # type: ignore[union-attr]  # created_at is never null
+    return JobSpec(str(job.id), job.priority, arrival, params, JobStatus(job.status), job.meta)
 
 
 class JobRouter:
-    def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
-        # The application's settings (Serve application args), before any settings are read.
-        os.environ.update(settings_env)
+    def __init__(self, worker: DeploymentHandle, settings: RouterSettings, storage: StorageSettings) -> None:
         tracing.configure("router")
         tracing.configure_logging()
-        self._settings = RouterSettings()
-        storage = StorageSettings()
+        self._settings = settings
+        self._storage = storage
+        self._core = Scheduler(scheduler_config(settings), clock=time.time)
         self._jobs = JobStore(storage.database_url)
-        self._notifications = NotificationService(storage.database_url)
-        self._queue = LaneQueues(
-            {Lane.REALTIME: self._settings.max_realtime_queue, Lane.BATCH: self._settings.max_batch_queue},
-            retry_after_s=self._settings.queue_full_retry_after_s,
-        )
-        self._backoff = Backoff(self._settings.hold_base_s, self._settings.hold_cap_s, self._settings.hold_jitter)
-        self._pool = ReplicaPool(self._settings.worker_ttl_s)
-        self._worker = worker
-        self._running: dict[str, asyncio.Task[None]] = {}
-        # Jobs between two step slices: their next WorkItem, latents included.
-        self._resume: dict[str, WorkItem] = {}
-        # Of those, the ones a hold set back to `pending` in the database.
-        self._paused: set[str] = set()
-        # Held jobs (still in the queue): when the router next delays them if the outage goes on.
-        self._next_delay_at: dict[str, float] = {}
-        # Retries with a countdown: not in the queue until their timer fires.
-        self._deferred: dict[str, asyncio.TimerHandle] = {}
-        self._finished: dict[str, asyncio.Event] = {}
-        # Calls in flight, and those cancelled because their replica vanished.
-        self._responses: dict[str, Any] = {}
-        self._lost: set[str] = set()
-        self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
+        self._writer = JobWriter(self._jobs, NotificationService(storage.database_url))
+        self._calls = WorkerCalls(worker, settings.inference_timeout_s, storage.upload_timeout_s)
+        self._media: ObjectStore | None = None  # opened on first use: S3 may be down as the router starts
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._admission = asyncio.Lock()
-        self._recover()
-        # Held in an attribute: the event loop keeps only weak references to its tasks.
-        self._loop = asyncio.get_event_loop().create_task(self._dispatch_loop())
+        self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
+        self._tasks: set[asyncio.Task[None]] = set()
+        for loop_task in (self._writer.run(), self._recover(), self._dispatch_loop(), self._reconcile_loop()):
+            self._spawn(loop_task)
 
-    # ----- rebuilding from the database -----
+    # ----- start-up: the core rebuilt from the database -----
 
-    def _recover(self) -> None:
-        for job in self._jobs.unfinished():
-            if job.status == JobStatus.RUNNING.value:
-                # Its worker's answer went to the router that died; running it again overwrites the
-                # same object key, so nothing is duplicated.
-                job = self._jobs.transition(job.id, JobStatus.PENDING, metadata_patch={"requeued": "router restarted"})
-            retry_at = job.meta.get("retry", {}).get("not_before")
-            if retry_at and datetime.fromisoformat(retry_at) > utcnow():
-                self._defer(job, (datetime.fromisoformat(retry_at) - utcnow()).total_seconds())
-            else:
-                self._queue.push(queued_job(job))
-        logger.info("Router rebuilt its queue from the database: %d jobs waiting", len(self._queue))
+    async def _recover(self) -> None:
+        delay_s = 0.5
+        while True:
+            try:
+                rows = await asyncio.to_thread(self._jobs.unfinished)
+                break
+            except Exception as error:  # the constructor must never fail: Ray would not restart the actor
+                logger.warning("Cannot read the queue from the database (%s); retrying in %.1f s", error, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+        self._execute(self._core.recover([job_spec(row) for row in rows], reason="router restarted"))
+        self._ready.set()
+        self._wake.set()
+        logger.info("Router rebuilt its queue from the database: %d unfinished jobs", len(rows))
+
+    def _require_ready(self) -> None:
+        if not self._ready.is_set():
+            raise RouterUnavailable("the router is rebuilding its queue from the database", self._settings.unavailable_retry_after_s)
 
     # ----- public methods (called through the actor handle) -----
 
@@ -151,89 +145,72 @@ class JobRouter:
         batch_id: str | None = None,
         job_ids: list[str] | None = None,
         trace_context: tracing.Carrier | None = None,
-    ) -> list[dict[str, Any]]:
-        """Store and enqueue jobs, all or none; returns the new ones. Raises QueueFullError when a lane is full.
+        idempotency: IdempotencyClaim | None = None,
+    ) -> Submission:
+        """Store and enqueue jobs, all or none. Raises QueueFullError when a lane is full.
 
-        With `job_ids` (one per request) a submission is idempotent: jobs that exist already are
-        left as they are, so a batch submitted again creates nothing twice. `trace_context` is the
-        submitter's span (see `tracing.enqueue_spans`).
+        With `job_ids` (one per request) jobs that exist already are left as they are, so a batch
+        driver submitting again creates nothing twice; with `idempotency` a request replayed under the
+        same key returns the jobs it created the first time (`created` False).
         """
+        self._require_ready()
         jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, job_ids or [None] * len(requests))]
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
-        attributes = [_span_attributes(job) for job in jobs]
+        attributes = [{tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority} for job in jobs]
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
             async with self._admission:  # so two submissions cannot both take the last room in a lane
-                for lane in Lane:
-                    count = sum(1 for job in jobs if job.lane == lane.value)
-                    if count:
-                        self._queue.check_room(lane, count)
-                await asyncio.to_thread(self._jobs.add_all, jobs)
-                for job in jobs:
-                    self._queue.push(queued_job(job))
-                    metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
+                self._core.check_room([Lane(job.lane) for job in jobs])
+                try:
+                    submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
+                except STORAGE_OUTAGES as outage:
+                    metrics.storage_errors().inc(tags={"call": "submit"})
+                    raise RouterUnavailable(f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s) from None
+                if submission.created:
+                    self._core.submit([job_spec(job) for job in submission.jobs])
+        for job in submission.jobs if submission.created else ():
+            metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
         self._wake.set()
-        return [job.model_dump() for job in jobs]
+        return submission
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a waiting job. Raises IllegalTransition for running or finished jobs."""
-        job = await asyncio.to_thread(self._jobs.transition, job_id, JobStatus.CANCELLED, finished_at=utcnow())
-        metrics.job_events()["cancelled"].inc(tags={"lane": job.lane})
-        self._forget_waiting(job_id)
-        self._mark_finished(job_id)
-        return job.model_dump()
+    async def cancel(self, job_id: str) -> GenerationJob:
+        """End a job `cancelled`; a running one stops at its next step boundary. Finished jobs refuse."""
+        self._require_ready()
+        try:
+            actions = self._core.cancel(job_id)
+        except UnknownJob:  # not in the router's hands: the database decides (ended, gone, or diverged)
+            write = JobWrite(job_id, frozenset({JobStatus.PENDING, JobStatus.RUNNING}), JobStatus.CANCELLED, mark_finished=True)
+            actions = [Finish(write)]
+        [written, *_] = self._execute(actions)
+        self._wake.set()
+        return await written
 
-    async def retry(self, job_id: str, countdown_s: float = 0.0) -> dict[str, Any]:
+    async def retry(self, job_id: str, countdown_s: float = 0.0) -> GenerationJob:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
 
-        Raises IllegalTransition for a running or completed job, or one already waiting normally.
+        Raises IllegalTransition for a running (between two slices too) or completed job, or one
+        already waiting normally.
         """
+        self._require_ready()
         job = await asyncio.to_thread(self._jobs.get, job_id)
         with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), {"seidra.countdown_s": countdown_s}):
-            return await self._retry(job, countdown_s)
-
-    async def _retry(self, job: GenerationJob, countdown_s: float) -> dict[str, Any]:
-        job_id = str(job.id)
-        priority = job.priority if job.priority <= MAX_REALTIME_PRIORITY else DEFAULT_REALTIME_PRIORITY
-        not_before = utcnow() + timedelta(seconds=countdown_s)
-        changes: dict[str, Any] = {
-            "priority": priority,
-            "lane": lane_for(priority).value,
-            "edit_metadata": lambda meta: {
-                **meta,
-                "failures": 0,
-                "retry": {"requested_at": utcnow().isoformat(), "not_before": not_before.isoformat()},
-            },
-        }
-        waiting = job_id in self._queue or job_id in self._deferred
-        if job.status == JobStatus.PENDING.value and is_held(job.meta) and waiting:
-            job = await asyncio.to_thread(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, **changes)
-            if job is None:
-                raise IllegalTransition(job_id, JobStatus.RUNNING, JobStatus.PENDING)
-            self._forget_waiting(job_id)
-        else:
-            job = await asyncio.to_thread(
-                self._jobs.transition, job_id, JobStatus.PENDING, error=None, finished_at=None, **changes
-            )
-        if countdown_s > 0:
-            self._defer(job, countdown_s)
-        else:
-            self._queue.push(queued_job(job))
+            [written] = self._execute(self._core.retry(job_spec(job), countdown_s))
             self._wake.set()
-        logger.info("Job %s re-queued at priority %d (countdown %.0f s)", job_id, priority, countdown_s)
-        return job.model_dump()
+            job = await written
+        logger.info("Job %s re-queued at priority %d (countdown %.0f s)", job_id, job.priority, countdown_s)
+        return job
 
     async def wait(self, job_id: str, timeout_s: float) -> str:
         """Wait until the job ends or `timeout_s` passes; returns its status then."""
         # Registered before the read, so an end between the read and the wait is not missed.
-        event = self._finished.setdefault(job_id, asyncio.Event())
+        event = self._waiters.setdefault(job_id, asyncio.Event())
         try:
             job = await asyncio.to_thread(self._jobs.get, job_id)
         except JobNotFound:
-            self._finished.pop(job_id, None)
+            self._waiters.pop(job_id, None)
             raise
         if not JobStatus(job.status).is_terminal:
             try:
@@ -242,68 +219,49 @@ class JobRouter:
                 pass
             job = await asyncio.to_thread(self._jobs.get, job_id)
         if JobStatus(job.status).is_terminal:
-            self._finished.pop(job_id, None)
+            self._waiters.pop(job_id, None)
         return job.status
 
-    async def heartbeat(self, replica_id: str, slots: int, snapshot: dict[str, Any]) -> ReplicaDirectives:
-        if self._pool.report(replica_id, slots, snapshot):
-            logger.info("Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot["mode"], snapshot["health"])
-            if snapshot["mode"] == "maintenance":  # set before this router (re)started: keep draining
-                self._pool.set_maintenance(replica_id, True)
-        # A report may bring capacity back: held jobs then run at once, not at their retry time.
-        self._wake.set()
-        return self._pool.directives(replica_id)
+    async def heartbeat(self, replica_id: str, slots: int, snapshot: ReplicaSnapshot) -> ReplicaDirectives:
+        directives = self._core.heartbeat(replica_id, slots, snapshot)
+        self._wake.set()  # a report may bring capacity back: held jobs then run at once
+        return directives
 
     async def set_maintenance(self, replica_id: str | None, enabled: bool) -> list[dict[str, Any]]:
         """Drain one replica (or all, with None): running jobs finish, no new ones start there."""
-        if replica_id is not None and replica_id not in self._pool:
-            raise KeyError(f"no worker replica {replica_id}")
-        self._pool.set_maintenance(replica_id, enabled)
+        workers = self._core.set_maintenance(replica_id, enabled)
         logger.warning("Maintenance %s for %s", "on" if enabled else "off", replica_id or "all replicas")
         self._wake.set()
-        return self._pool.describe()
-
-    async def api_version(self) -> int:
-        return ROUTER_API_VERSION
-
-    async def autoscaling_load(self) -> int:
-        """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
-        return len(self._queue) + len(self._running)
-
-    async def storage_settings(self) -> dict[str, Any]:
-        """Where this application keeps jobs and images, for batch drivers running in the cluster."""
-        return StorageSettings().model_dump()
+        return workers
 
     async def set_lane_paused(self, lane: str, paused: bool) -> list[str]:
         """Stop or restart dispatching from a lane (what `celery control cancel_consumer` did).
 
         Its jobs keep their places; the pause lives in this actor and ends if it restarts.
         """
-        (self._queue.paused.add if paused else self._queue.paused.discard)(Lane(lane))
+        paused_lanes = self._core.set_lane_paused(Lane(lane), paused)
         logger.warning("Lane %s %s", lane, "paused" if paused else "resumed")
         self._wake.set()
-        return sorted(lane.value for lane in self._queue.paused)
+        return paused_lanes
 
     async def set_faults(self, replica_id: str | None, faults: InjectedFaults | None) -> list[dict[str, Any]]:
         """Drills and tests: what replicas started with SEIDRA_FAULT_INJECTION=1 should pretend."""
-        self._pool.set_faults(replica_id, faults)
         logger.warning("Injected faults for %s: %s", replica_id or "all replicas", faults)
-        return self._pool.describe()
+        return self._core.set_faults(replica_id, faults)
 
     async def status(self) -> dict[str, Any]:
-        # No expiry here: the dispatch loop expires replicas, and it alone cancels their calls.
-        return {
-            "queues": {lane.value: self._queue.depth(lane) for lane in Lane},
-            "paused_lanes": sorted(lane.value for lane in self._queue.paused),
-            "held": {lane.value: count for lane, count in self._held_by_lane().items()},
-            "deferred": len(self._deferred),
-            "running": len(self._running),
-            "usable_slots": self._pool.usable_slots(),
-            "outage": self._pool.outage_reason(),
-            "workers": self._pool.describe(),
-        }
+        return {**self._core.status(), "recovering": not self._ready.is_set()}
 
-    # ----- dispatching -----
+    async def api_version(self) -> int:
+        return ROUTER_API_VERSION
+
+    async def autoscaling_load(self) -> int:
+        """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
+        return self._core.load()
+
+    async def storage_settings(self) -> dict[str, Any]:
+        """Where this application keeps jobs and images, for batch drivers running in the cluster."""
+        return self._storage.model_dump()
 
     def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None) -> GenerationJob:
         return GenerationJob(
@@ -314,323 +272,202 @@ class JobRouter:
             status=JobStatus.PENDING.value,
         )
 
-    def _forget_waiting(self, job_id: str) -> None:
-        self._queue.remove(job_id)
-        self._resume.pop(job_id, None)
-        self._paused.discard(job_id)
-        self._next_delay_at.pop(job_id, None)
-        timer = self._deferred.pop(job_id, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _defer(self, job: GenerationJob, countdown_s: float) -> None:
-        def release() -> None:
-            self._deferred.pop(str(job.id), None)
-            self._queue.push(queued_job(job))
-            self._wake.set()
-
-        self._deferred[str(job.id)] = asyncio.get_event_loop().call_later(countdown_s, release)
+    # ----- the loops -----
 
     async def _dispatch_loop(self) -> None:
+        await self._ready.wait()
         while True:
             try:
-                gone = self._pool.expire()
-                for replica in gone:
-                    logger.warning("Worker replica %s stopped reporting; it no longer counts", replica.replica_id)
-                self._cancel_calls({job_id for replica in gone for job_id in replica.running})
-                await self._delay_waiting_jobs()
-                await self._dispatch()
+                self._execute(self._core.tick())
                 self._record_gauges()
             except Exception:  # the loop must outlive any one failure
                 logger.exception("Dispatch failed; retrying")
+            timeout_s = min(self._core.next_wakeup() - time.time(), self._settings.worker_ttl_s / 2)
             try:
-                await asyncio.wait_for(self._wake.wait(), self._settings.worker_ttl_s / 2)
+                await asyncio.wait_for(self._wake.wait(), max(timeout_s, 0.01))
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
 
-    def _held_by_lane(self) -> dict[Lane, int]:
-        held = dict.fromkeys(Lane, 0)
-        for queued in self._queue:
-            held[queued.lane] += queued.job_id in self._next_delay_at
-        return held
-
-    def _record_gauges(self) -> None:
-        gauges = metrics.queue_gauges()
-        held = self._held_by_lane()
-        for lane in Lane:
-            gauges["depth"].set(self._queue.depth(lane), tags={"lane": lane.value})
-            gauges["held"].set(held[lane], tags={"lane": lane.value})
-        gauges["running"].set(len(self._running))
-        counts: dict[tuple[str, str], int] = dict.fromkeys(self._replica_states, 0)
-        for row in self._pool.describe():
-            counts[(row["mode"], row["health"])] = counts.get((row["mode"], row["health"]), 0) + 1
-        for (mode, health), count in counts.items():  # states that emptied go back to 0
-            gauges["replicas"].set(count, tags={"mode": mode, "health": health})
-        self._replica_states = set(counts)
-
-    async def _dispatch(self) -> None:
-        await self._continue_draining_jobs()
-        while self._pool.usable_slots() > 0:
-            queued = self._queue.pop()
-            if queued is None:
-                return
-            replica_id = self._pool.assign(queued.job_id)
-            assert replica_id is not None  # there was a usable slot
+    async def _reconcile_loop(self) -> None:
+        await self._ready.wait()
+        while True:
+            await asyncio.sleep(self._settings.reconcile_interval_s)
             try:
-                await self._start(queued, replica_id)
-            except BaseException:
-                self._pool.release(replica_id, queued.job_id)
-                self._queue.push(queued)
-                raise
+                await self._reconcile()
+            except Exception:
+                logger.exception("Reconciler round failed; next round in %.0f s", self._settings.reconcile_interval_s)
 
-    async def _continue_draining_jobs(self) -> None:
-        """Maintenance drains a replica: jobs it started finish there, slice after slice."""
-        for job_id, item in list(self._resume.items()):
-            if job_id in self._queue and item.replica_id and self._pool.assign_draining(job_id, item.replica_id):
-                queued = self._queue.remove(job_id)
-                assert queued is not None
-                try:
-                    await self._start(queued, item.replica_id)
-                except BaseException:
-                    self._pool.release(item.replica_id, job_id)
-                    self._queue.push(queued)
-                    raise
+    async def _reconcile(self) -> None:
+        """Compare the database with the core and repair what two rounds in a row agree is wrong."""
+        known = self._core.job_ids()
+        view = await asyncio.to_thread(self._jobs.unfinished_view)
+        gone_or_ended = [job_id for job_id in known if job_id not in view]
+        if gone_or_ended:
+            view.update(await asyncio.to_thread(self._jobs.statuses, gone_or_ended))
+        divergence = self._core.reconcile({job_id: (JobStatus(s), at) for job_id, (s, at) in view.items()})
+        for job_id in sorted(divergence.drop):
+            logger.warning("Reconciler: job %s is %s in the database; the router lets it go", job_id, view.get(job_id, ("gone",))[0])
+            metrics.reconciler_repairs().inc(tags={"repair": "dropped"})
+            self._execute(self._core.forget(job_id))
+        if divergence.adopt:
+            rows = await asyncio.to_thread(self._jobs.get_many, divergence.adopt)
+            for row in rows:
+                logger.warning("Reconciler: job %s is %s in the database but was not queued; queueing it", row.id, row.status)
+                metrics.reconciler_repairs().inc(tags={"repair": "adopted"})
+            self._execute(self._core.recover([job_spec(row) for row in rows], reason="reconciled"))
+        cutoff = utcnow() - timedelta(seconds=self._settings.idempotency_ttl_s)
+        await asyncio.to_thread(self._jobs.delete_idempotency_keys, cutoff)
+        self._wake.set()
 
-    async def _delay_waiting_jobs(self) -> None:
-        """With no usable replica, put waiting jobs on hold, each again when its retry time comes."""
-        reason = self._pool.outage_reason()
-        if reason is None:
-            return
-        now = time.monotonic()
-        for queued in list(self._queue):
-            reason = self._pool.outage_reason()
-            if reason is None:
-                return  # a replica came back meanwhile: dispatch instead
-            draining = queued.job_id in self._resume and self._pool.is_draining(self._resume[queued.job_id].replica_id)
-            if not draining and self._next_delay_at.get(queued.job_id, 0.0) <= now:
-                await self._hold(queued.job_id, reason, replica_id=None)
+    # ----- carrying out the core's actions -----
 
-    async def _hold(self, job_id: str, reason: str, replica_id: str | None, failure: str | None = None) -> None:
-        """Record a delay on the job (and a failed run, when `failure` is given), notify, and log it."""
+    def _execute(self, actions: Sequence[Action]) -> list[asyncio.Future[GenerationJob]]:
+        """Enqueue every write now, in order; the rest runs in tasks. Returns the job writes' futures."""
+        written = []
+        for action in actions:
+            if isinstance(action, Start):
+                future = self._writer.transition(action.write) if action.write else None
+                self._spawn(self._run(action, future))
+            elif isinstance(action, (Persist, Finish)):
+                future = self._writer.transition(action.write)
+                self._spawn(self._after_write(action, future))
+                written.append(future)
+            elif isinstance(action, HoldJobs):
+                self._hold(action)
+            elif isinstance(action, Resumed):
+                message = f"Your image is running again after {action.hold.delays} delay(s): a GPU is available."
+                self._notify([(action.job_id, Level.INFO, message)])
+            elif isinstance(action, CancelCall):
+                self._calls.cancel(action.call_id)
+            elif isinstance(action, DeleteImage):
+                self._spawn(self._delete_image(action.job_id))
+        return written
 
-        def delay(meta: dict[str, Any]) -> dict[str, Any]:
-            if failure is not None:
-                meta = _count_failure(failure)(meta)
-            retry_after_s = self._backoff.delay_s(delays_so_far(meta) + 1)
-            return held(meta, reason=reason, replica_id=replica_id, retry_after_s=retry_after_s, now=utcnow())
-
-        job = await self._persist(self._jobs.annotate, job_id, while_status=JobStatus.PENDING, edit_metadata=delay)
-        if job is None:
-            try:  # running, or between two slices: back to pending while it waits
-                job = await self._persist(
-                    self._jobs.transition, job_id, JobStatus.PENDING, edit_metadata=delay, from_status=JobStatus.RUNNING
-                )
-            except IllegalTransition:
-                self._forget_waiting(job_id)  # it ended meanwhile (cancelled): nothing to hold
-                return
-            if job_id in self._resume:
-                self._paused.add(job_id)
-        retry_after_s = job.meta["degraded"]["retry_after_seconds"]
-        self._next_delay_at[job_id] = time.monotonic() + retry_after_s
-        metrics.job_events()["delayed"].inc(tags={"lane": job.lane})
-        metrics.notifications_sent().inc(tags={"level": Level.WARNING.value})
-        attributes = {"seidra.reason": reason, "seidra.retry_after_s": retry_after_s}
-        with tracing.job_span("seidra.hold", job_id, job.meta.get("trace_context"), attributes):
-            logger.warning("Delaying job %s due to GPU unavailability: %s (retry in %d s)", job_id, reason, retry_after_s)
-            await self._persist(
-                self._notifications.notify,
-                job_id,
-                Level.WARNING,
-                f"Your image is delayed: no GPU is available ({reason}). It will run as soon as one is; "
-                f"next retry in {retry_after_s} s.",
-            )
-
-    async def _start(self, queued: QueuedJob, replica_id: str) -> None:
-        item = self._resume.pop(queued.job_id, None)
-        if item is None or queued.job_id in self._paused:
-            self._paused.discard(queued.job_id)
+    async def _run(self, start: Start, written: asyncio.Future[GenerationJob] | None) -> None:
+        item = start.item
+        if written is not None:
             try:
-                job = await self._persist(
-                    self._jobs.transition,
-                    queued.job_id,
-                    JobStatus.RUNNING,
-                    count_attempt=item is None,
-                    edit_metadata=lambda meta: resumed(meta, utcnow()),
-                    **({"started_at": utcnow()} if item is None else {}),
-                )
-            except IllegalTransition:
-                self._pool.release(replica_id, queued.job_id)
-                return  # cancelled while it waited
-            if item is None:
+                job = await written
+            except Exception as refused:  # the row changed behind the router: no call is made
+                self._let_go(item.job_id, refused)
+                return
+            if start.write and start.write.mark_started:
                 metrics.job_events()["started"].inc(tags={"lane": job.lane})
-                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
+                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()  # type: ignore[operator]
                 metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
-            item = item or WorkItem(
-                queued.job_id, job_params(job), max_steps=self._settings.steps_per_dispatch,
-                trace_context=job.meta.get("trace_context"),
-            )  # fmt: skip
-        self._next_delay_at.pop(queued.job_id, None)
-        item = replace(item, replica_id=replica_id)
-        self._running[queued.job_id] = asyncio.get_event_loop().create_task(self._run(item, queued))
-
-    async def _run(self, item: WorkItem, queued: QueuedJob) -> None:
-        assert item.replica_id is not None
         attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
         with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, attributes) as span:
-            await self._call_worker(item, queued, span)
-
-    async def _call_worker(self, item: WorkItem, queued: QueuedJob, span: Span) -> None:
-        assert item.replica_id is not None
-        response = None
-        try:
-            # Called outside any span: the handle's first call starts its background tasks, which
-            # would otherwise keep this job's span as theirs for good.
-            response = contextvars.Context().run(self._worker.advance.remote, item, tracing.carrier())
-            self._responses[item.job_id] = response
-            result: WorkResult = await asyncio.wait_for(response, self._settings.inference_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()  # type: ignore[union-attr]  # the replica stops at its next step boundary
-            tracing.mark_failed(span, GPU_TIMEOUT_REASON)
-            self._pool.mark_degraded(item.replica_id, GPU_TIMEOUT_REASON, self._settings.degraded_cooldown_s)
-            await self._after_failure(item, queued, GPU_TIMEOUT_REASON, hold=True)
-        except Exception as raised:
-            if not isinstance(_cause(raised), ReplicaUnavailable):  # a hold is no failure
-                tracing.mark_failed(span, f"{type(_cause(raised)).__name__}: {_cause(raised)}")
-            if item.job_id in self._lost:
-                await self._requeue_lost(item, queued)
+            try:
+                result = await self._calls.advance(start.call_id, item)
+            except CallFailed as failed:
+                if failed.kind is not ErrorKind.REPLICA_UNAVAILABLE:  # a hold is no failure
+                    tracing.mark_failed(span, failed.detail)
+                actions = self._core.error(item.job_id, start.call_id, failed.kind, failed.detail, failed.snapshot)
             else:
-                await self._after_error(item, queued, _cause(raised))
-        else:
-            await self._after_result(item, queued, result)
-        finally:
-            self._responses.pop(item.job_id, None)
-            self._lost.discard(item.job_id)
-            self._running.pop(item.job_id, None)
-            self._pool.release(item.replica_id, item.job_id)
-            self._wake.set()
+                actions = self._core.result(item.job_id, start.call_id, result)
+        self._execute(actions)
+        self._wake.set()
 
-    def _cancel_calls(self, job_ids: set[str]) -> None:
-        """Calls to a replica that stopped reporting will not be answered: their jobs go back."""
-        for job_id in job_ids & self._responses.keys():
-            self._lost.add(job_id)
-            self._responses[job_id].cancel()
-
-    async def _requeue_lost(self, item: WorkItem, queued: QueuedJob) -> None:
-        """Not the job's fault: it goes back to its place, from its last good state, uncounted."""
-        logger.warning("Job %s lost its replica %s; re-queued", item.job_id, item.replica_id)
-        if item.step:
-            self._resume[item.job_id] = item
-        elif not await self._back_to_pending(item.job_id, {"requeued": f"replica {item.replica_id} stopped reporting"}):
-            return
-        self._queue.push(queued)
-
-    async def _back_to_pending(self, job_id: str, patch: dict[str, Any]) -> bool:
+    async def _after_write(self, action: Persist | Finish, written: asyncio.Future[GenerationJob]) -> None:
+        write = action.write
         try:
-            await self._persist(
-                self._jobs.transition, job_id, JobStatus.PENDING, metadata_patch=patch, from_status=JobStatus.RUNNING
-            )
-        except IllegalTransition:
-            return False
-        return True
-
-    async def _after_error(self, item: WorkItem, queued: QueuedJob, error: BaseException) -> None:
-        if isinstance(error, ReplicaUnavailable):
-            self._pool.note_snapshot(error.replica_id, error.snapshot)
-            await self._hold_running(item, queued, error.snapshot.get("reason") or str(error))
+            job = await written
+        except Exception as refused:
+            self._let_go(write.job_id, refused)
             return
-        if isinstance(error, RayActorError):
-            self._pool.forget(item.replica_id)  # type: ignore[arg-type]  # its process is gone
-        await self._after_failure(item, queued, f"{type(error).__name__}: {error}")
+        if isinstance(action, Finish):
+            self._finished(job)
 
-    async def _after_result(self, item: WorkItem, queued: QueuedJob, result: WorkResult) -> None:
-        if result.done:
-            await self._finish(
-                item.job_id,
-                JobStatus.COMPLETED,
-                result_key=result.object_key,
-                metadata_patch={"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)},
-            )
-            return
-        # Keeps the replica it ran on: a replica draining for maintenance finishes what it started.
-        self._resume[item.job_id] = replace(item, step=result.step, latents=result.latents)
-        self._queue.push(queued)
+    def _let_go(self, job_id: str, refused: Exception) -> None:
+        """The database refused a write (the row changed or vanished): the reconciler has the last word."""
+        logger.warning("Job %s changed behind the router (%s); letting it go", job_id, refused)
+        self._execute(self._core.forget(job_id))
+        self._wake.set()
 
-    async def _hold_running(self, item: WorkItem, queued: QueuedJob, reason: str, failure: str | None = None) -> None:
-        # The state before this slice is still good: keep it, so the job resumes where it was.
-        if item.step:
-            self._resume[item.job_id] = item
-        await self._hold(item.job_id, reason, replica_id=item.replica_id, failure=failure)
-        self._queue.push(queued)
-
-    async def _after_failure(self, item: WorkItem, queued: QueuedJob, error: str, hold: bool = False) -> None:
-        """A failed run counts against the job; at `max_attempts` failures the job ends `failed`.
-
-        With `hold` (an inference timeout) the job waits on hold like any job facing a sick GPU.
-        """
-        job = await self._persist(self._jobs.get, item.job_id)
-        failures = job.meta.get("failures", 0) + 1
-        if failures >= self._settings.max_attempts:
-            self._resume.pop(item.job_id, None)
-            await self._finish(
-                item.job_id, JobStatus.FAILED, error=f"failed {failures} times; last: {error}",
-                edit_metadata=_count_failure(error),
-            )  # fmt: skip
-        elif hold:
-            await self._hold_running(item, queued, error, failure=error)
-        else:
-            self._resume.pop(item.job_id, None)  # a run that raised may have left bad state: start over
-            logger.warning("Job %s failed (%d of %d): %s; re-queued", item.job_id, failures, self._settings.max_attempts, error)
-            await self._persist(
-                self._jobs.transition, item.job_id, JobStatus.PENDING,
-                edit_metadata=_count_failure(error), from_status=JobStatus.RUNNING,
-            )  # fmt: skip
-            self._queue.push(queued)
-
-    async def _finish(self, job_id: str, status: JobStatus, **changes: Any) -> None:
-        with tracing.job_span("seidra.db.update", job_id, attributes={"seidra.status": status.value}):
-            job = await self._persist(
-                self._jobs.transition, job_id, status, finished_at=utcnow(), from_status=JobStatus.RUNNING, **changes
-            )
-        metrics.job_events()[status.value].inc(tags={"lane": job.lane})
-        if job.started_at is not None:
-            duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()
+    def _finished(self, job: GenerationJob) -> None:
+        with tracing.job_span("seidra.db.update", str(job.id), job.meta.get("trace_context"), {"seidra.status": job.status}):
+            logger.info("Job %s %s", job.id, job.status)
+        metrics.job_events()[job.status].inc(tags={"lane": job.lane})
+        if job.started_at is not None and job.finished_at is not None:
+            duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()  # type: ignore[operator]
             metrics.job_histograms()["duration"].observe(duration_s, tags={"lane": job.lane})
-        logger.info("Job %s %s", job_id, status.value)
-        self._mark_finished(job_id)
-
-    def _mark_finished(self, job_id: str) -> None:
-        event = self._finished.pop(job_id, None)
+        event = self._waiters.pop(str(job.id), None)
         if event is not None:
             event.set()
 
-    async def _persist(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a storage call off the event loop, retrying through outages so no outcome is dropped.
+    def _hold(self, action: HoldJobs) -> None:
+        self._watch(self._writer.holds([(held.job_id, held.hold.document()) for held in action.jobs]))
+        self._notify([
+            (held.job_id, Level.WARNING, f"Your image is delayed: no GPU is available ({held.hold.last.reason}). "
+             f"It will run as soon as one is; next retry in {held.hold.last.retry_after_s} s.")
+            for held in action.jobs if held.new_episode
+        ])  # fmt: skip
+        for held in action.jobs:
+            delay = held.hold.last
+            attributes = {"seidra.reason": delay.reason, "seidra.retry_after_s": delay.retry_after_s}
+            with tracing.job_span("seidra.hold", held.job_id, held.trace_context, attributes):
+                logger.warning(
+                    "Delaying job %s due to GPU unavailability: %s (retry in %d s)", held.job_id, delay.reason, delay.retry_after_s
+                )
+            metrics.job_events()["delayed"].inc(tags={"lane": held.lane.value})
 
-        Only lost connections and locked databases are retried; refusals (an illegal transition, an
-        unknown job) and bugs propagate.
-        """
-        delay_s = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(write, *args, **kwargs)
-            except STORAGE_OUTAGES:
-                metrics.storage_errors().inc(tags={"call": write.__name__})
-                logger.exception("Storage call %s failed; retrying in %.1f s", write.__name__, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, STORAGE_RETRY_MAX_S)
+    def _notify(self, notifications: list[tuple[str | None, Level, str]]) -> None:
+        if notifications:
+            self._watch(self._writer.notify(notifications))
+            for _job_id, level, _message in notifications:
+                metrics.notifications_sent().inc(tags={"level": level.value})
+
+    async def _delete_image(self, job_id: str) -> None:
+        try:
+            if self._media is None:
+                self._media = await asyncio.to_thread(open_object_store, self._storage)
+            await asyncio.to_thread(self._media.delete, image_key(job_id))
+        except Exception:
+            logger.exception("Could not delete the image of cancelled job %s", job_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # Held in a set: the event loop keeps only weak references to its tasks.
+        task = asyncio.get_event_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Router task failed", exc_info=task.exception())
+
+    @staticmethod
+    def _watch(future: asyncio.Future[Any]) -> None:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    def _record_gauges(self) -> None:
+        status = self._core.status()
+        gauges = metrics.queue_gauges()
+        for lane in Lane:
+            gauges["depth"].set(status["queues"][lane.value], tags={"lane": lane.value})
+            gauges["held"].set(status["held"][lane.value], tags={"lane": lane.value})
+        gauges["running"].set(status["running"])
+        counts: dict[tuple[str, str], int] = dict.fromkeys(self._replica_states, 0)
+        for row in status["workers"]:
+            counts[(row["mode"], row["health"])] = counts.get((row["mode"], row["health"]), 0) + 1
+        for (mode, health), count in counts.items():  # states that emptied go back to 0
+            gauges["replicas"].set(count, tags={"mode": str(mode), "health": str(health)})
+        self._replica_states = set(counts)
 
 
-def get_or_create_router(app_name: str, worker: DeploymentHandle, settings_env: dict[str, str]) -> ray.actor.ActorHandle:
+def get_or_create_router(
+    app_name: str, worker: DeploymentHandle, settings: RouterSettings, storage: StorageSettings
+) -> ray.actor.ActorHandle:
     """The application's router, created on first use; it outlives its creator and restarts after a crash.
 
     One left running by an older release is replaced: its queue is rebuilt from the database.
     """
-    router = _router_actor(app_name).remote(worker, settings_env)
+    router = _router_actor(app_name).remote(worker, settings, storage)
     if router_is_outdated(router):
         logger.warning("Replacing the router %s left running by an older release", router_name(app_name))
         ray.kill(router, no_restart=True)
-        router = _router_actor(app_name).remote(worker, settings_env)
+        router = _router_actor(app_name).remote(worker, settings, storage)
     return router
 
 
@@ -656,8 +493,3 @@ def _router_actor(app_name: str) -> Any:
         max_concurrency=10_000,
         runtime_env={"env_vars": tracing.environment()},
     )
-
-
-def get_router(app_name: str) -> ray.actor.ActorHandle:
-    """The application's running router; raises ValueError when there is none."""
-    return ray.get_actor(router_name(app_name), namespace=ROUTER_NAMESPACE)

@@ -78,7 +78,6 @@ class JobSpec:
     params: GenerationParams
     status: JobStatus = JobStatus.PENDING
     metadata: Mapping[str, Any] = field(default_factory=dict)
-    started: bool = False  # started_at is set
 
     @property
     def trace_context(self) -> dict[str, str] | None:
@@ -196,7 +195,6 @@ class JobRecord:
     trace_context: dict[str, str] | None
     place: Place
     db_status: JobStatus  # the status the core last wrote (or found)
-    started: bool = False
     failures: int = 0
     storage_faults: int = 0
     checkpoint: Checkpoint | None = None
@@ -280,7 +278,6 @@ class Scheduler:
             trace_context=spec.trace_context,
             place=Place.WAITING,
             db_status=spec.status,
-            started=spec.started,
         )
 
     # ----- replicas and operators -----
@@ -542,12 +539,13 @@ class Scheduler:
             if record.hold is not None:
                 metadata["degraded"] = record.hold.resumed_document(utc(self._clock()))
                 resumed.append(Resumed(record.job_id, record.hold))
-            # `attempts` counts tries: each failure makes the next start another one.
+            # `attempts` counts tries: each failure makes the next start another one. `started_at`
+            # is the start of the run that is going on, from step 0.
             write = self._write(
-                record, JobStatus.RUNNING, metadata=metadata, attempts=record.failures + 1, mark_started=not record.started
-            )
+                record, JobStatus.RUNNING, metadata=metadata, attempts=record.failures + 1,
+                mark_started=record.checkpoint is None,
+            )  # fmt: skip
         record.hold = None
-        record.started = True
         record.place = Place.RUNNING
         record.call = Call(next(self._call_ids), replica_id)
         checkpoint = record.checkpoint

@@ -27,3 +27,12 @@ class RouterSettings(BaseSettings):
     hold_base_s: float = Field(5.0, gt=0, description="First retry_after_seconds of a held job; doubles with each delay.")
     hold_cap_s: float = Field(300.0, gt=0, description="Largest retry_after_seconds of a held job.")
     hold_jitter: float = Field(0.2, ge=0, lt=1, description="retry_after_seconds is spread by +/- this fraction.")
+    reconcile_interval_s: float = Field(
+        30.0, gt=0, description="How often the router compares its queue with the database and repairs what differs."
+    )
+    idempotency_ttl_s: float = Field(
+        86_400.0, ge=86_400, description="How long an Idempotency-Key is remembered (at least 24 h)."
+    )
+    unavailable_retry_after_s: int = Field(
+        5, ge=1, le=3600, description="Retry-After sent with a 503 while the router recovers or the database is down."
+    )

@@ -29,6 +29,7 @@ class WorkItem:
 
     `replica_id` is the replica the router reserved a slot on; `AssignedReplicaRouter` sends it there.
     `trace_context` carries the job's trace (`metadata.trace_context`) from slice to slice.
+    `timeout_s` is the inference timeout the replica enforces at step boundaries (0: none).
     """
 
     job_id: str
@@ -38,6 +39,7 @@ class WorkItem:
     max_steps: int = 0
     replica_id: str | None = None
     trace_context: dict[str, str] | None = None
+    timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)

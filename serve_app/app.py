@@ -6,13 +6,15 @@ that `serve.ingress` rewrites.
 
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,7 +29,7 @@ from scheduling import metrics, tracing
 from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
-from scheduling.router import get_or_create_router
+from scheduling.router import RouterUnavailable, get_or_create_router
 from scheduling.settings import RouterSettings
 from serve_app.schemas import (
     LIMITS,
@@ -42,7 +44,7 @@ from serve_app.schemas import (
 )
 from serve_app.settings import ApiSettings
 from storage.job_status import IllegalTransition, JobStatus
-from storage.jobs import JobNotFound, JobStore, as_utc
+from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob
 from storage.notifications import Level, NotificationService
 from storage.object_store import ObjectNotFound, open_object_store
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "seidra"
 ROUTER_RESTART_RETRY_AFTER_S = 5
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 T = TypeVar("T")
 
 # FastAPI's own telemetry opens each request's server span (the root of a job's trace), with the
@@ -91,6 +94,10 @@ async def _router_call(call: Awaitable[T]) -> T:
         cause = error.cause
         if isinstance(cause, QueueFullError):
             raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
+        if isinstance(cause, RouterUnavailable):
+            raise HTTPException(503, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
+        if isinstance(cause, IdempotencyMismatch):
+            raise HTTPException(422, str(cause)) from None
         if isinstance(cause, IllegalTransition):
             raise HTTPException(409, str(cause)) from None
         if isinstance(cause, (JobNotFound, KeyError)):
@@ -100,6 +107,21 @@ async def _router_call(call: Awaitable[T]) -> T:
         raise HTTPException(
             503, "the router is restarting; try again shortly", headers={"Retry-After": str(ROUTER_RESTART_RETRY_AFTER_S)}
         ) from None
+
+
+def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None) -> IdempotencyClaim | None:
+    """The idempotency claim for a request: its key and a hash of what it asks for.
+
+    The hash covers the validated body (a seed left out is drawn later, so a replay gets the
+    original seed back) and the path, so a key reused on the other endpoint is a mismatch.
+    """
+    if key is None:
+        return None
+    if not key.strip() or not key.isprintable():
+        raise HTTPException(422, "Idempotency-Key: must be printable and not blank")
+    body = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    request_hash = hashlib.sha256(f"{path}\n{body}".encode()).hexdigest()
+    return IdempotencyClaim(owner="", key=key, request_hash=request_hash, batch_id=batch_id)
 
 
 # The API only awaits the router and the database: many requests (long ?wait=true ones among them)
@@ -114,10 +136,10 @@ class SeidraAPI:
         self._jobs = JobStore(storage.database_url)
         self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
-        self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings_env)
+        self._router = get_or_create_router(serve.get_replica_context().app_name, worker, RouterSettings(), storage)
 
-    def _view(self, job: GenerationJob | dict[str, Any]) -> JobView:
-        fields = job if isinstance(job, dict) else job.model_dump()
+    def _view(self, job: GenerationJob) -> JobView:
+        fields = job.model_dump()
         image_url = None
         if fields["status"] == JobStatus.COMPLETED.value and fields["result_key"] and "archived" not in fields["meta"]:
             image_url = self._image_url(fields["id"], fields["result_key"])
@@ -135,28 +157,53 @@ class SeidraAPI:
             raise HTTPException(404, str(error)) from None
 
     @api.post("/generation/single", status_code=202, response_model=JobView)
-    async def generate(self, request: GenerationRequest, response: Response, wait: bool = False) -> JobView:
-        [job] = await _router_call(self._router.submit.remote([request.to_job_fields()], trace_context=tracing.carrier()))
-        trace.get_current_span().set_attribute(tracing.JOB_ID, str(job["id"]))
+    async def generate(
+        self,
+        request: GenerationRequest,
+        response: Response,
+        wait: bool = False,
+        idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
+    ) -> JobView:
+        """Queue one image (realtime lane by default). The same `Idempotency-Key` with the same body
+        returns the job it created the first time (200); with another body, 422."""
+        claim = _claim(idempotency_key, "/generation/single", request, batch_id=None)
+        submission: Submission = await _router_call(
+            self._router.submit.remote([request.to_job_fields()], trace_context=tracing.carrier(), idempotency=claim)
+        )
+        [job] = submission.jobs
+        trace.get_current_span().set_attribute(tracing.JOB_ID, str(job.id))
+        if not submission.created:
+            response.status_code = 200
         if not wait:
             return self._view(job)
         try:
-            final = await self._router.wait.remote(str(job["id"]), LIMITS.wait_timeout_s)
+            final = await self._router.wait.remote(str(job.id), LIMITS.wait_timeout_s)
         except RayActorError:
             final = None  # the job is stored and queued; only the wait was lost with the router
         if final is not None and JobStatus(final).is_terminal:
             response.status_code = 200
-        return self._view(await self._get(job["id"]))
+        return self._view(await self._get(job.id))
 
     @api.post("/generation/batch", status_code=202, response_model=BatchAccepted)
-    async def generate_batch(self, request: BatchRequest) -> BatchAccepted:
+    async def generate_batch(
+        self,
+        request: BatchRequest,
+        response: Response,
+        idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
+    ) -> BatchAccepted:
+        """Queue several images (batch lane by default), all or none; `Idempotency-Key` as for one image."""
         batch_id = uuid.uuid4()
         trace.get_current_span().set_attribute("seidra.batch_id", str(batch_id))
-        jobs = await _router_call(
-            self._router.submit.remote(request.to_job_fields(), str(batch_id), trace_context=tracing.carrier())
+        claim = _claim(idempotency_key, "/generation/batch", request, batch_id)
+        submission: Submission = await _router_call(
+            self._router.submit.remote(
+                request.to_job_fields(), str(batch_id), trace_context=tracing.carrier(), idempotency=claim
+            )
         )
-        views = [self._view(job) for job in jobs]
-        return BatchAccepted(batch_id=batch_id, job_ids=[view.id for view in views], jobs=views)
+        if not submission.created:
+            response.status_code = 200
+        views = [self._view(job) for job in submission.jobs]
+        return BatchAccepted(batch_id=submission.batch_id or batch_id, job_ids=[view.id for view in views], jobs=views)
 
     @api.get("/jobs/{job_id}", response_model=JobView)
     async def get_job(self, job_id: uuid.UUID) -> JobView:

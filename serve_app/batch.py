@@ -78,7 +78,7 @@ def submit(router: Any, requests: list[dict[str, Any]], batch_id: str, job_ids: 
             while True:
                 try:
                     submitted = router.submit.remote(requests[chunk], batch_id, job_ids[chunk], tracing.carrier())
-                    created += len(ray.get(submitted))
+                    created += len(ray.get(submitted).jobs)
                     break
                 except RayTaskError as error:
                     if not isinstance(error.cause, QueueFullError):

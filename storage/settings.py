@@ -32,6 +32,9 @@ class StorageSettings(BaseSettings):
     s3_bucket: str = Field("seidra-media", min_length=3, max_length=63, description="Bucket, created if missing.")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 server.")
     s3_presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
+    upload_timeout_s: float = Field(
+        30.0, gt=0, description="How long a worker retries storing an image before the job waits and tries again later."
+    )
     media_dir: str = Field("", description="Folder for images when no S3 endpoint is set; empty means SEIDRA_HOME/media.")
 
     @model_validator(mode="after")

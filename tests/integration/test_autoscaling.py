@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from deployments.settings import WorkerSettings
-from scheduling.names import ROUTER_NAMESPACE, router_name
+from scheduling.router_lookup import ROUTER_NAMESPACE, router_name
 from serve_app.app import _replicas
 from tests.ray_app import RunningApp
 

@@ -80,7 +80,7 @@ def test_forced_mock_mode_runs_on_the_cpu_without_touching_cuda_or_nvml(tiny_mod
     settings = WorkerSettings(model=str(tiny_model), device="cuda", dtype="float16", force_mock=True, torch_threads=1)
     manager = ModelManager(settings, NoGpu(), lambda: DiffusionRunner(settings))
     snapshot = manager.get_status_snapshot()
-    assert (snapshot["mode"], snapshot["health"], snapshot["device"], snapshot["dtype"]) == ("mock", "healthy", "cpu", "float32")
+    assert (snapshot.mode, snapshot.health, snapshot.device, snapshot.dtype) == ("mock", "healthy", "cpu", "float32")
     assert not torch.cuda.is_initialized()
     output = manager.runner.advance(WorkItem("job", PARAMS))
     assert png_pixels(output.png).shape == (64, 96, 3)
@@ -101,3 +101,23 @@ def test_a_cancelled_slice_stops_at_the_next_step(runner) -> None:  # type: igno
     control.cancelled.set()
     with pytest.raises(Interrupted):
         runner.advance(WorkItem("job", PARAMS), control)
+
+
+def test_a_slice_past_its_deadline_stops_at_the_next_step_as_a_timeout(runner) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from deployments.pipeline import StepControl
+    from scheduling.directives import InferenceTimeout
+
+    steps: list[int] = []
+
+    class Counting(StepControl):
+        def __call__(self, pipeline, index, timestep, callback_kwargs):  # type: ignore[no-untyped-def]
+            steps.append(index)
+            return super().__call__(pipeline, index, timestep, callback_kwargs)
+
+    with pytest.raises(InferenceTimeout, match="did not finish within 4 s"):
+        runner.advance(WorkItem("job", PARAMS, timeout_s=4), Counting(deadline=time.monotonic() - 1))
+    assert steps == [0]  # one step, then the boundary saw the deadline
+    output = runner.advance(WorkItem("job", PARAMS, timeout_s=4), StepControl(deadline=time.monotonic() + 60))
+    assert output.png is not None

@@ -22,7 +22,7 @@ class RouterOfVersionOne(RouterBeforeVersions):
 def test_outdated_routers_are_recognised(app: RunningApp) -> None:
     import ray
 
-    from scheduling.names import ROUTER_NAMESPACE
+    from scheduling.router_lookup import ROUTER_NAMESPACE
     from scheduling.router import get_router, router_is_outdated
 
     assert router_is_outdated(get_router("seidra")) is False  # the one the app runs

@@ -101,7 +101,7 @@ def test_a_gpu_timeout_holds_the_job_degrades_the_replica_and_it_resumes_when_th
     core.report("gpu")
     start, resumed = core.tick()
     assert isinstance(start, Start) and isinstance(resumed, Resumed)
-    assert start.write is not None and start.write.attempts == 2 and not start.write.mark_started
+    assert start.write is not None and start.write.attempts == 2 and start.write.mark_started  # from step 0 again
     assert start.write.metadata["degraded"]["resumed_at"] == "2027-01-15T08:00:30+00:00"
     assert start.write.metadata["degraded"]["delays"] == 2
 
@@ -163,7 +163,7 @@ def test_three_failures_end_the_job_failed_then_a_retry_with_countdown_runs_it_a
     )  # fmt: skip
     assert places(core) == {}
 
-    failed = spec("broken", 8, status=JobStatus.FAILED, metadata={"failures": 3}, started=True)
+    failed = spec("broken", 8, status=JobStatus.FAILED, metadata={"failures": 3})
     [persist] = core.scheduler.retry(failed, countdown_s=2)
     assert isinstance(persist, Persist)
     write = persist.write
@@ -299,7 +299,7 @@ def test_recovery_requeues_running_rows_and_keeps_hold_episodes() -> None:
     }  # fmt: skip
     actions = core.scheduler.recover(
         [
-            spec("was-running", status=JobStatus.RUNNING, started=True, metadata={"failures": 1}),
+            spec("was-running", status=JobStatus.RUNNING, metadata={"failures": 1}),
             spec("held", 8, metadata=held_before),
             spec("done", status=JobStatus.COMPLETED),
         ],

@@ -179,7 +179,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def retry(self, data: st.DataObject, countdown_s: float) -> None:
         job_id = data.draw(st.sampled_from(sorted(self.db)))
         priority = 2 if job_id.startswith("r") else 8
-        job = spec(job_id, priority, int(job_id[1:]), status=self.db[job_id], started=True)
+        job = spec(job_id, priority, int(job_id[1:]), status=self.db[job_id])
         self.retrying = job_id
         try:
             self.carry_out(self.core.scheduler.retry(job, countdown_s))
