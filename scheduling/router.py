@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import ray
+from opentelemetry import trace
 from ray.serve.handle import DeploymentHandle
 
 from scheduling import metrics, tracing
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 # application replaces one left running by an older release.
 ROUTER_API_VERSION = 3
 ROUTER_VERSION_TIMEOUT_S = 60.0
+# Short enough that the API answers soon after the database is back.
+RECOVERY_RETRY_MAX_S = 10.0
 
 
 class RouterUnavailable(Exception):
@@ -88,6 +91,11 @@ def scheduler_config(settings: RouterSettings) -> SchedulerConfig:
     )
 
 
+def _span_attributes(job: GenerationJob) -> dict[str, Any]:
+    batch = {"seidra.batch_id": str(job.batch_id)} if job.batch_id else {}
+    return {tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority, **batch}
+
+
 def job_spec(job: GenerationJob) -> JobSpec:
     params = GenerationParams(
         job.prompt, job.negative_prompt, job.width, job.height, job.num_inference_steps, job.guidance_scale, job.seed
@@ -104,7 +112,7 @@ class JobRouter:
         self._storage = storage
         self._core = Scheduler(scheduler_config(settings), clock=time.time)
         self._jobs = JobStore(storage.database_url)
-        self._writer = JobWriter(self._jobs, NotificationService(storage.database_url))
+        self._writer = JobWriter(self._jobs, NotificationService(storage.database_url), retry_max_s=RECOVERY_RETRY_MAX_S)
         self._calls = WorkerCalls(worker, settings.inference_timeout_s, storage.upload_timeout_s)
         self._media: ObjectStore | None = None  # opened on first use: S3 may be down as the router starts
         self._waiters: dict[str, asyncio.Event] = {}
@@ -127,7 +135,7 @@ class JobRouter:
             except Exception as error:  # the constructor must never fail: Ray would not restart the actor
                 logger.warning("Cannot read the queue from the database (%s); retrying in %.1f s", error, delay_s)
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 30.0)
+                delay_s = min(delay_s * 2, RECOVERY_RETRY_MAX_S)
         self._execute(self._core.recover([job_spec(row) for row in rows], reason="router restarted"))
         self._ready.set()
         self._wake.set()
@@ -158,7 +166,7 @@ class JobRouter:
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
-        attributes = [{tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority} for job in jobs]
+        attributes = [_span_attributes(job) for job in jobs]
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
@@ -366,18 +374,28 @@ class JobRouter:
                 actions = self._core.error(item.job_id, start.call_id, failed.kind, failed.detail, failed.snapshot)
             else:
                 actions = self._core.result(item.job_id, start.call_id, result)
-        self._execute(actions)
+            self._execute(actions)  # in the slice's span: the final write's span is its child
         self._wake.set()
 
     async def _after_write(self, action: Persist | Finish, written: asyncio.Future[GenerationJob]) -> None:
         write = action.write
         try:
-            job = await written
+            if isinstance(action, Finish):
+                job = await self._traced(action, written)
+                self._finished(job)
+            else:
+                await written
         except Exception as refused:
             self._let_go(write.job_id, refused)
-            return
-        if isinstance(action, Finish):
-            self._finished(job)
+
+    @staticmethod
+    async def _traced(finish: Finish, written: asyncio.Future[GenerationJob]) -> GenerationJob:
+        """A job's final write, as a span of its trace: under the slice that ended it, when there is one."""
+        in_a_slice = trace.get_current_span().get_span_context().is_valid
+        parent = None if in_a_slice else finish.trace_context
+        attributes = {"seidra.status": finish.write.to_status.value}
+        with tracing.job_span("seidra.db.update", finish.write.job_id, parent, attributes):
+            return await written
 
     def _let_go(self, job_id: str, refused: Exception) -> None:
         """The database refused a write (the row changed or vanished): the reconciler has the last word."""
@@ -386,8 +404,7 @@ class JobRouter:
         self._wake.set()
 
     def _finished(self, job: GenerationJob) -> None:
-        with tracing.job_span("seidra.db.update", str(job.id), job.meta.get("trace_context"), {"seidra.status": job.status}):
-            logger.info("Job %s %s", job.id, job.status)
+        logger.info("Job %s %s", job.id, job.status)
         metrics.job_events()[job.status].inc(tags={"lane": job.lane})
         if job.started_at is not None and job.finished_at is not None:
             duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()  # type: ignore[operator]

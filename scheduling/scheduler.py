@@ -124,6 +124,7 @@ class Persist:
 @dataclass(frozen=True)
 class Finish:
     write: JobWrite
+    trace_context: dict[str, str] | None = None  # the job's trace, for the write's span
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Scheduler:
             raise UnknownJob(job_id)
         if record.place is Place.STOPPING:
             raise IllegalTransition(job_id, JobStatus.CANCELLED, JobStatus.CANCELLED)
-        actions: list[Action] = [Finish(self._write(record, JobStatus.CANCELLED, mark_finished=True))]
+        actions: list[Action] = [Finish(self._write(record, JobStatus.CANCELLED, mark_finished=True), record.trace_context)]
         if record.call is not None:
             record.place = Place.STOPPING
             actions.append(CancelCall(job_id, record.call.call_id))
@@ -363,7 +364,10 @@ class Scheduler:
             self._remove(record)
             metadata = {"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)}
             return [
-                Finish(self._write(record, JobStatus.COMPLETED, metadata=metadata, mark_finished=True, result_key=result.object_key))
+                Finish(
+                    self._write(record, JobStatus.COMPLETED, metadata=metadata, mark_finished=True, result_key=result.object_key),
+                    record.trace_context,
+                )
             ]
         # Keeps the replica it ran on: a replica draining for maintenance finishes what it started.
         record.checkpoint = Checkpoint(result.step, result.latents, result.replica_id)
@@ -424,7 +428,7 @@ class Scheduler:
             failed = self._write(
                 record, JobStatus.FAILED, metadata=metadata, mark_finished=True, error=message, attempts=record.failures
             )
-            return [Finish(failed)]
+            return [Finish(failed, record.trace_context)]
         logger.warning("Job %s failed (%d of %d): %s; re-queued", record.job_id, record.failures, self._config.max_attempts, error)
         actions = self._back_to_pending(record, metadata)
         if hold_on is None:

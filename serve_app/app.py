@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -76,6 +77,19 @@ async def _count_requests(request: Request, call_next: Any) -> Response:
     path = getattr(route, "path", "unmatched")
     metrics.http_requests().inc(tags={"route": path, "method": request.method, "status": str(response.status_code)})
     return response
+
+
+@api.exception_handler(sqlalchemy.exc.OperationalError)
+@api.exception_handler(sqlalchemy.exc.InterfaceError)
+@api.exception_handler(sqlalchemy.exc.TimeoutError)
+async def _database_unreachable(_request: Request, error: Exception) -> JSONResponse:
+    """Reads that reach the database directly: an outage is the client's cue to come back, not a 500."""
+    logger.warning("Database unreachable: %s", type(error).__name__)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the database is unreachable; try again shortly"},
+        headers={"Retry-After": str(ROUTER_RESTART_RETRY_AFTER_S)},
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -287,8 +301,13 @@ class SeidraAPI:
 
     @api.get("/status")
     async def status(self) -> dict[str, Any]:
+        """The router's view, and job counts from the database (null while it is unreachable)."""
         router = await _router_call(self._router.status.remote())
-        return {**router, "jobs": await asyncio.to_thread(self._jobs.count_by_status)}
+        try:
+            jobs, database = await asyncio.to_thread(self._jobs.count_by_status), "ok"
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as error:
+            jobs, database = None, f"unreachable ({type(error).__name__})"
+        return {**router, "jobs": jobs, "database": database}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

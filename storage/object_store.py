@@ -14,6 +14,10 @@ from pathlib import Path
 from storage.settings import StorageSettings
 
 
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 30.0
+
+
 def image_key(job_id: str) -> str:
     """One key per job, so a re-run overwrites its image instead of adding a second one."""
     return f"images/{job_id}.png"
@@ -107,6 +111,7 @@ class S3ObjectStore(ObjectStore):
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key,
             secure=settings.s3_secure,
+            http_client=_http_client(),
         )
         if not self._client.bucket_exists(self.bucket):
             self._create_bucket()
@@ -159,6 +164,19 @@ class S3ObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._client.remove_object(self.bucket, key)
+
+
+def _http_client():  # type: ignore[no-untyped-def]  # urllib3 is minio's, imported with it
+    """Minio's default client has no timeouts: a stalled S3 server would hang an upload for good.
+
+    Callers retry with their own backoff (the worker for `upload_timeout_s`), so few retries here.
+    """
+    import urllib3
+
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=S3_CONNECT_TIMEOUT_S, read=S3_READ_TIMEOUT_S),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
 
 
 def open_object_store(settings: StorageSettings) -> ObjectStore:

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import pytest
 
 from tests.ray_app import app, otlp_collector  # noqa: F401  (the session's Ray cluster, for the tests that ask)
-from tests.servers import S3Server, ServiceUnavailable, postgres_server, s3_server
+from tests.servers import PostgresServer, S3Server, ServiceUnavailable, postgres_server, s3_server
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,8 +38,13 @@ def _service(start: Callable[[], AbstractContextManager[T]], what: str) -> Itera
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres() -> Iterator[PostgresServer]:
     yield from _service(postgres_server, "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: PostgresServer) -> str:
+    return postgres.url
 
 
 @pytest.fixture(scope="session")

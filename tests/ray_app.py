@@ -46,6 +46,10 @@ TEST_ENV = {
     # Requests without sizes (plain-text batch lines) stay small enough for the 4 s timeout.
     "SEIDRA_DEFAULT_IMAGE_SIZE": "64",
     "SEIDRA_DEFAULT_INFERENCE_STEPS": "8",
+    # Quick repairs and short storage retries, so that outage tests take seconds.
+    "SEIDRA_RECONCILE_INTERVAL_S": "1",
+    "SEIDRA_UPLOAD_TIMEOUT_S": "3",
+    "SEIDRA_STUCK_INFERENCE_AFTER_S": "5",
 }
 
 

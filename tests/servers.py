@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -164,6 +164,40 @@ def wait_until(
         time.sleep(0.1)
 
 
+@dataclass
+class ServerProcess:
+    """A server the tests may stop and start again, on the same port with the same data (outage drills)."""
+
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    what: str
+    graceful: signal.Signals
+    ready_timeout_s: float
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    account: pwd.struct_passwd | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = spawn(self.argv, out, env=self.env, cwd=self.cwd, account=self.account)
+        wait_until(self.ready, self.proc, self.ready_timeout_s, self.what, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, self.graceful)
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """Stopped inside the block, running again after it, whatever the block did."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+
 # --------------------------------------------------------------------------- #
 # PostgreSQL
 # --------------------------------------------------------------------------- #
@@ -272,12 +306,18 @@ def _create_database(port: int, user: str, name: str) -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    url: str
+    process: ServerProcess | None  # None for an external server, which the tests cannot stop
+
+
 @contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server() -> Iterator[PostgresServer]:
     """Yield a SQLAlchemy URL to a fresh `seidra` database on a private cluster."""
     external = os.environ.get("SEIDRA_TEST_DATABASE_URL")
     if external:
-        yield external
+        yield PostgresServer(external, None)
         return
 
     bindir = find_postgres_bindir()
@@ -289,21 +329,23 @@ def postgres_server() -> Iterator[str]:
         datadir, log = tmp / "data", tmp / "postgres.log"
         _initdb(bindir, datadir, PG_SUPERUSER, account, log)
 
-        out = stack.enter_context(log.open("ab"))
         for attempt in range(1, START_ATTEMPTS + 1):
             (port,) = free_ports(1)
-            proc = spawn(_postgres_argv(bindir, datadir, port), out, cwd=tmp, account=account)
-            # SIGINT is postgres's "fast" shutdown: abort sessions, exit cleanly.
-            stack.callback(stop_process_group, proc, signal.SIGINT)
+            server = ServerProcess(
+                _postgres_argv(bindir, datadir, port), log, functools.partial(_pg_accepts, port, PG_SUPERUSER),
+                # SIGINT is postgres's "fast" shutdown: abort sessions, exit cleanly.
+                "postgres", signal.SIGINT, PG_READY_TIMEOUT_S, cwd=tmp, account=account,
+            )  # fmt: skip
+            stack.callback(server.stop)
             try:
-                wait_until(functools.partial(_pg_accepts, port, PG_SUPERUSER), proc, PG_READY_TIMEOUT_S, "postgres", log)
+                server.start()
                 break
             except ServerStartError:
                 # An early exit is most likely a lost race for the port.
-                if proc.poll() is None or attempt == START_ATTEMPTS:
+                if server.proc is None or server.proc.poll() is None or attempt == START_ATTEMPTS:
                     raise
         _create_database(port, PG_SUPERUSER, "seidra")
-        yield f"postgresql+psycopg://{PG_SUPERUSER}@{LOCALHOST}:{port}/seidra"
+        yield PostgresServer(f"postgresql+psycopg://{PG_SUPERUSER}@{LOCALHOST}:{port}/seidra", server)
 
 
 # --------------------------------------------------------------------------- #
@@ -316,6 +358,7 @@ class S3Server:
     endpoint: str  # "host:port", the form minio.Minio() takes
     access_key: str
     secret_key: str
+    process: ServerProcess | None = field(default=None, compare=False)  # None: external, cannot be stopped
 
 
 def find_weed() -> Path:
@@ -464,20 +507,22 @@ def s3_server() -> Iterator[S3Server]:
         # Anything weed puts under Go's os.TempDir() lands in our dir instead.
         env = {**os.environ, "TMPDIR": str(tmp)}
 
-        out = stack.enter_context(log.open("ab"))
         for attempt in range(1, START_ATTEMPTS + 1):
             ports = weed_ports()
             stack.callback(remove_weed_grpc_sockets, ports)
-            proc = spawn(weed_argv(weed, tmp, config, ports), out, env=env, cwd=tmp)
-            stack.callback(stop_process_group, proc, signal.SIGTERM)
-            server = S3Server(f"{LOCALHOST}:{ports['s3.port']}", access_key, secret_key)
+            credentials = S3Server(f"{LOCALHOST}:{ports['s3.port']}", access_key, secret_key)
+            process = ServerProcess(
+                weed_argv(weed, tmp, config, ports), log, functools.partial(_s3_answers, credentials),
+                "weed mini", signal.SIGTERM, S3_READY_TIMEOUT_S, env=env, cwd=tmp,
+            )  # fmt: skip
+            stack.callback(process.stop)
             try:
-                wait_until(functools.partial(_s3_answers, server), proc, S3_READY_TIMEOUT_S, "weed mini", log)
+                process.start()
                 break
             except ServerStartError:
                 # An early exit is most likely a lost race for one of the ports;
                 # weed keeps no state worth keeping from a failed start.
-                if proc.poll() is None or attempt == START_ATTEMPTS:
+                if process.proc is None or process.proc.poll() is None or attempt == START_ATTEMPTS:
                     raise
                 shutil.rmtree(tmp / "data", ignore_errors=True)
-        yield server
+        yield replace(credentials, process=process)
