@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit drill clean
+.PHONY: demo test unit lint drill clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra} $(BIN)/python -m serve_app.demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	scripts/install-test-services.sh
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The control plane (scheduling/, storage/) is linted, formatted and type-checked (mypy --strict).
+lint: $(STAMP)
+	$(BIN)/ruff check scheduling storage
+	$(BIN)/ruff format --check scheduling storage
+	$(BIN)/mypy scheduling storage
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

@@ -25,7 +25,7 @@ class Backoff:
     jitter: float = 0.2
 
     def delay_s(self, delay_number: int, rand: Callable[[], float] = random.random) -> int:
-        raw = min(self.cap_s, self.base_s * 2 ** min(delay_number - 1, 64))
+        raw = min(self.cap_s, self.base_s * 2.0 ** min(delay_number - 1, 64))
         spread = 1 - self.jitter + 2 * self.jitter * rand()
         return max(1, round(min(self.cap_s, raw * spread)))
 

@@ -20,8 +20,7 @@ JOB_EVENTS = ("submitted", "started", "completed", "failed", "cancelled", "delay
 @cache
 def job_events() -> dict[str, Counter]:
     return {
-        event: Counter(f"seidra_jobs_{event}", description=f"Jobs {event}, by lane.", tag_keys=("lane",))
-        for event in JOB_EVENTS
+        event: Counter(f"seidra_jobs_{event}", description=f"Jobs {event}, by lane.", tag_keys=("lane",)) for event in JOB_EVENTS
     }
 
 

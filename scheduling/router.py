@@ -10,6 +10,7 @@ when it starts (in the background, retrying while the database is down: until th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -100,12 +101,12 @@ def job_spec(job: GenerationJob) -> JobSpec:
     params = GenerationParams(
         job.prompt, job.negative_prompt, job.width, job.height, job.num_inference_steps, job.guidance_scale, job.seed
     )
-    arrival = as_utc(job.created_at).timestamp()  # type: ignore[union-attr]  # created_at is never null
+    arrival = as_utc(job.created_at).timestamp()
     return JobSpec(str(job.id), job.priority, arrival, params, JobStatus(job.status), job.meta)
 
 
 class JobRouter:
-    def __init__(self, worker: DeploymentHandle, settings: RouterSettings, storage: StorageSettings) -> None:
+    def __init__(self, worker: DeploymentHandle[Any], settings: RouterSettings, storage: StorageSettings) -> None:
         tracing.configure("router")
         tracing.configure_logging()
         self._settings = settings
@@ -143,7 +144,9 @@ class JobRouter:
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
-            raise RouterUnavailable("the router is rebuilding its queue from the database", self._settings.unavailable_retry_after_s)
+            raise RouterUnavailable(
+                "the router is rebuilding its queue from the database", self._settings.unavailable_retry_after_s
+            )
 
     # ----- public methods (called through the actor handle) -----
 
@@ -162,13 +165,14 @@ class JobRouter:
         same key returns the jobs it created the first time (`created` False).
         """
         self._require_ready()
-        jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, job_ids or [None] * len(requests))]
+        ids: list[str | None] = list(job_ids) if job_ids else [None] * len(requests)
+        jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, ids, strict=True)]
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
         attributes = [_span_attributes(job) for job in jobs]
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
-            for job, span in zip(jobs, spans):
+            for job, span in zip(jobs, spans, strict=True):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
             async with self._admission:  # so two submissions cannot both take the last room in a lane
                 self._core.check_room([Lane(job.lane) for job in jobs])
@@ -176,7 +180,9 @@ class JobRouter:
                     submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
                 except STORAGE_OUTAGES as outage:
                     metrics.storage_errors().inc(tags={"call": "submit"})
-                    raise RouterUnavailable(f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s) from None
+                    raise RouterUnavailable(
+                        f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s
+                    ) from None
                 if submission.created:
                     self._core.submit([job_spec(job) for job in submission.jobs])
         for job in submission.jobs if submission.created else ():
@@ -221,10 +227,8 @@ class JobRouter:
             self._waiters.pop(job_id, None)
             raise
         if not JobStatus(job.status).is_terminal:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
             job = await asyncio.to_thread(self._jobs.get, job_id)
         if JobStatus(job.status).is_terminal:
             self._waiters.pop(job_id, None)
@@ -274,7 +278,7 @@ class JobRouter:
     def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None) -> GenerationJob:
         return GenerationJob(
             **request,
-            **({"id": uuid.UUID(job_id)} if job_id else {}),
+            id=uuid.UUID(job_id) if job_id else uuid.uuid4(),
             lane=lane_for(request["priority"]).value,
             batch_id=uuid.UUID(batch_id) if batch_id else None,
             status=JobStatus.PENDING.value,
@@ -291,10 +295,8 @@ class JobRouter:
             except Exception:  # the loop must outlive any one failure
                 logger.exception("Dispatch failed; retrying")
             timeout_s = min(self._core.next_wakeup() - time.time(), self._settings.worker_ttl_s / 2)
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(timeout_s, 0.01))
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
 
     async def _reconcile_loop(self) -> None:
@@ -315,7 +317,9 @@ class JobRouter:
             view.update(await asyncio.to_thread(self._jobs.statuses, gone_or_ended))
         divergence = self._core.reconcile({job_id: (JobStatus(s), at) for job_id, (s, at) in view.items()})
         for job_id in sorted(divergence.drop):
-            logger.warning("Reconciler: job %s is %s in the database; the router lets it go", job_id, view.get(job_id, ("gone",))[0])
+            logger.warning(
+                "Reconciler: job %s is %s in the database; the router lets it go", job_id, view.get(job_id, ("gone",))[0]
+            )
             metrics.reconciler_repairs().inc(tags={"repair": "dropped"})
             self._execute(self._core.forget(job_id))
         if divergence.adopt:
@@ -362,7 +366,8 @@ class JobRouter:
                 return
             if start.write and start.write.mark_started:
                 metrics.job_events()["started"].inc(tags={"lane": job.lane})
-                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()  # type: ignore[operator]
+                assert job.started_at is not None  # this very write set it
+                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
                 metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
         attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
         with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, attributes) as span:
@@ -407,7 +412,7 @@ class JobRouter:
         logger.info("Job %s %s", job.id, job.status)
         metrics.job_events()[job.status].inc(tags={"lane": job.lane})
         if job.started_at is not None and job.finished_at is not None:
-            duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()  # type: ignore[operator]
+            duration_s = (as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds()
             metrics.job_histograms()["duration"].observe(duration_s, tags={"lane": job.lane})
         event = self._waiters.pop(str(job.id), None)
         if event is not None:
@@ -425,7 +430,10 @@ class JobRouter:
             attributes = {"seidra.reason": delay.reason, "seidra.retry_after_s": delay.retry_after_s}
             with tracing.job_span("seidra.hold", held.job_id, held.trace_context, attributes):
                 logger.warning(
-                    "Delaying job %s due to GPU unavailability: %s (retry in %d s)", held.job_id, delay.reason, delay.retry_after_s
+                    "Delaying job %s due to GPU unavailability: %s (retry in %d s)",
+                    held.job_id,
+                    delay.reason,
+                    delay.retry_after_s,
                 )
             metrics.job_events()["delayed"].inc(tags={"lane": held.lane.value})
 
@@ -473,9 +481,7 @@ class JobRouter:
         self._replica_states = set(counts)
 
 
-def get_or_create_router(
-    app_name: str, worker: DeploymentHandle, settings: RouterSettings, storage: StorageSettings
-) -> ray.actor.ActorHandle:
+def get_or_create_router(app_name: str, worker: DeploymentHandle[Any], settings: RouterSettings, storage: StorageSettings) -> Any:
     """The application's router, created on first use; it outlives its creator and restarts after a crash.
 
     One left running by an older release is replaced: its queue is rebuilt from the database.
@@ -488,11 +494,13 @@ def get_or_create_router(
     return router
 
 
-def router_is_outdated(router: ray.actor.ActorHandle) -> bool:
+def router_is_outdated(router: Any) -> bool:
+    """`router` is an actor handle: Ray types its methods' results as Any."""
     if not hasattr(router, "api_version"):
         return True  # older than the versions themselves
     try:
-        return ray.get(router.api_version.remote(), timeout=ROUTER_VERSION_TIMEOUT_S) < ROUTER_API_VERSION
+        version: int = ray.get(router.api_version.remote(), timeout=ROUTER_VERSION_TIMEOUT_S)
+        return version < ROUTER_API_VERSION
     except ray.exceptions.GetTimeoutError:
         logger.warning("The router did not tell its version within %.0f s; keeping it", ROUTER_VERSION_TIMEOUT_S)
         return False

@@ -64,8 +64,8 @@ class SchedulerConfig:
     max_attempts: int = 3
     degraded_cooldown_s: float = 60.0
     worker_ttl_s: float = 10.0
-    hold_backoff: Backoff = Backoff()
-    storage_backoff: Backoff = Backoff(base_s=2.0, cap_s=60.0)
+    hold_backoff: Backoff = field(default_factory=Backoff)
+    storage_backoff: Backoff = field(default_factory=lambda: Backoff(base_s=2.0, cap_s=60.0))
 
 
 @dataclass(frozen=True)
@@ -222,9 +222,7 @@ class Divergence:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, clock: Callable[[], float], rand: Callable[[], float] = random.random
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float], rand: Callable[[], float] = random.random) -> None:
         self._config = config
         self._clock = clock
         self._rand = rand
@@ -285,7 +283,9 @@ class Scheduler:
 
     def heartbeat(self, replica_id: str, slots: int, snapshot: ReplicaSnapshot) -> ReplicaDirectives:
         if self._pool.report(replica_id, slots, snapshot):
-            logger.info("Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot.mode.value, snapshot.health.value)
+            logger.info(
+                "Worker replica %s joined with %d slot(s): %s/%s", replica_id, slots, snapshot.mode.value, snapshot.health.value
+            )
             if snapshot.mode is Mode.MAINTENANCE:  # set before this router (re)started: keep draining
                 self._pool.set_maintenance(replica_id, True)
         return self._pool.directives(replica_id)
@@ -394,7 +394,7 @@ class Scheduler:
             else:  # no word from it: keep work away from it for a while
                 self._pool.mark_degraded(replica_id, detail, self._config.degraded_cooldown_s)
             actions = self._back_to_pending(record, {})
-            return actions + [self._hold([record], snapshot.reason if snapshot and snapshot.reason else detail, replica_id)]
+            return [*actions, self._hold([record], snapshot.reason if snapshot and snapshot.reason else detail, replica_id)]
         if kind is ErrorKind.REPLICA_LOST:
             self._pool.forget(replica_id)
             return self._failed(record, detail)
@@ -429,12 +429,14 @@ class Scheduler:
                 record, JobStatus.FAILED, metadata=metadata, mark_finished=True, error=message, attempts=record.failures
             )
             return [Finish(failed, record.trace_context)]
-        logger.warning("Job %s failed (%d of %d): %s; re-queued", record.job_id, record.failures, self._config.max_attempts, error)
+        logger.warning(
+            "Job %s failed (%d of %d): %s; re-queued", record.job_id, record.failures, self._config.max_attempts, error
+        )
         actions = self._back_to_pending(record, metadata)
         if hold_on is None:
             self._enqueue(record)
             return actions
-        return actions + [self._hold([record], error, hold_on)]
+        return [*actions, self._hold([record], error, hold_on)]
 
     def _back_to_pending(self, record: JobRecord, metadata: dict[str, Any]) -> list[Action]:
         if record.db_status is JobStatus.PENDING and not metadata:
@@ -481,7 +483,7 @@ class Scheduler:
         actions: list[Action] = []
         for record in due:
             actions += self._back_to_pending(record, {})
-        return actions + [self._hold(due, reason, None)]
+        return [*actions, self._hold(due, reason, None)]
 
     def _hold(self, records: list[JobRecord], reason: str, replica_id: str | None) -> HoldJobs:
         now = self._clock()
@@ -528,11 +530,7 @@ class Scheduler:
         return starts
 
     def _continues_draining(self, record: JobRecord) -> bool:
-        return (
-            record.place in QUEUED
-            and record.checkpoint is not None
-            and self._pool.is_draining(record.checkpoint.replica_id)
-        )
+        return record.place in QUEUED and record.checkpoint is not None and self._pool.is_draining(record.checkpoint.replica_id)
 
     def _start(self, record: JobRecord, replica_id: str) -> list[Action]:
         """Reserve the call. Between two slices the database already says `running`: nothing to write."""
@@ -595,9 +593,10 @@ class Scheduler:
         for job_id, record in self._records.items():
             if record.place is Place.STOPPING:
                 continue
-            status, updated_at = stored.get(job_id, (None, None))
-            if status is None or status.is_terminal:
-                suspects.add((job_id, status.value if status else None, updated_at))
+            if job_id not in stored:
+                suspects.add((job_id, None, None))
+            elif stored[job_id][0].is_terminal:
+                suspects.add((job_id, stored[job_id][0].value, stored[job_id][1]))
         confirmed = suspects & self._suspects
         self._suspects = frozenset(suspects)
         adopt = frozenset(job_id for job_id, status, _ in confirmed if job_id not in self._records)

@@ -13,8 +13,10 @@ class RouterSettings(BaseSettings):
     max_batch_queue: int = Field(10_000, ge=1, description="Waiting batch jobs before submissions get 429.")
     queue_full_retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with a 429.")
     steps_per_dispatch: int = Field(
-        0, ge=0, description="Denoising steps per worker call; 0 runs a job in one call. Smaller slices let "
-        "realtime jobs overtake batch jobs sooner."
+        0,
+        ge=0,
+        description="Denoising steps per worker call; 0 runs a job in one call. Smaller slices let "
+        "realtime jobs overtake batch jobs sooner.",
     )
     worker_ttl_s: float = Field(10.0, gt=0, description="A replica silent for this long no longer counts as capacity.")
     max_attempts: int = Field(

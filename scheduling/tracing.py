@@ -151,9 +151,9 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-    for handler in root.handlers:
-        if not any(isinstance(existing, TraceIdFilter) for existing in handler.filters):
-            handler.addFilter(TraceIdFilter())
+    for existing_handler in root.handlers:
+        if not any(isinstance(existing, TraceIdFilter) for existing in existing_handler.filters):
+            existing_handler.addFilter(TraceIdFilter())
 
 
 # ----- spans -----

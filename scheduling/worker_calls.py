@@ -40,11 +40,11 @@ STEP_BOUNDARY_GRACE_S = 10.0
 
 
 class WorkerCalls:
-    def __init__(self, worker: DeploymentHandle, timeout_s: float, upload_timeout_s: float) -> None:
+    def __init__(self, worker: DeploymentHandle[Any], timeout_s: float, upload_timeout_s: float) -> None:
         self._worker = worker
         self._timeout_s = timeout_s
         self._upload_timeout_s = upload_timeout_s
-        self._responses: dict[int, Any] = {}
+        self._responses: dict[int, Any] = {}  # Ray's DeploymentResponse, whose methods are untyped
 
     async def advance(self, call_id: int, item: WorkItem) -> WorkResult:
         """One step slice on `item.replica_id`; raises CallFailed with the failure's kind."""
@@ -56,7 +56,7 @@ class WorkerCalls:
         try:
             return await asyncio.wait_for(response, self._deadline_s(item))
         except asyncio.TimeoutError:
-            response.cancel()  # the replica stops at its next step boundary
+            response.cancel()  # type: ignore[no-untyped-call]  # Ray's; the replica stops at its next step boundary
             raise CallFailed(ErrorKind.GPU_TIMEOUT, f"no answer within {self._deadline_s(item):.0f} s") from None
         except Exception as error:
             raise classify(error) from error

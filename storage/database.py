@@ -58,7 +58,7 @@ def for_writes(engine: Engine) -> Engine:
     return engine.execution_options(**{WRITES: True})
 
 
-def alembic_config(url: str) -> "Config":
+def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     config = Config()

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from storage.database import for_writes, get_engine
 from storage.job_status import IllegalTransition, JobStatus, check_transition
@@ -103,7 +103,7 @@ def _shared_batch_id(jobs: Sequence[GenerationJob]) -> uuid.UUID | None:
 def _by_ids(session: Session, query: Any, job_ids: Collection[uuid.UUID | str]) -> list[Any]:
     """`query`'s rows for `job_ids`, one IN list per chunk of ids."""
     ids = sorted({_uuid(job_id) for job_id in job_ids})
-    return [row for chunk in _chunks(ids) for row in session.exec(query.where(GenerationJob.id.in_(chunk)))]
+    return [row for chunk in _chunks(ids) for row in session.exec(query.where(col(GenerationJob.id).in_(chunk)))]
 
 
 _STATUS_VIEW = select(GenerationJob.id, GenerationJob.status, GenerationJob.updated_at)
@@ -111,7 +111,7 @@ _STATUS_VIEW = select(GenerationJob.id, GenerationJob.status, GenerationJob.upda
 
 def _hold_statement(dialect: str) -> sa.Update:
     # The JSON functions edit the stored document in place: no read, so no lost update.
-    jobs = GenerationJob.__table__
+    jobs = GenerationJob.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models; its stubs do not say so
     document = sa.bindparam("document", type_=sa.String)
     if dialect == "postgresql":
         degraded = sa.func.jsonb_set(jobs.c.metadata, sa.literal_column("'{degraded}'"), sa.cast(document, JSONB))
@@ -188,7 +188,7 @@ class JobStore:
 
     def delete_idempotency_keys(self, older_than: datetime) -> int:
         """Forget the keys stored before `older_than`; a request repeated later creates new jobs."""
-        statement = sa.delete(IdempotencyKey).where(IdempotencyKey.created_at < as_utc(older_than))
+        statement = sa.delete(IdempotencyKey).where(col(IdempotencyKey.created_at) < as_utc(older_than))
         with self._writer.begin() as connection:
             return connection.execute(statement).rowcount
 
@@ -198,25 +198,6 @@ class JobStore:
         if job is None:
             raise JobNotFound(job_id)
         return job
-
-    def list(
-        self,
-        *,
-        status: JobStatus | None = None,
-        lane: str | None = None,
-        batch_id: uuid.UUID | None = None,
-        limit: int = 50,
-    ) -> list[GenerationJob]:
-        query = select(GenerationJob)
-        if status is not None:
-            query = query.where(GenerationJob.status == status.value)
-        if lane is not None:
-            query = query.where(GenerationJob.lane == lane)
-        if batch_id is not None:
-            query = query.where(GenerationJob.batch_id == batch_id)
-        query = query.order_by(GenerationJob.created_at.desc(), GenerationJob.id).limit(limit)
-        with self._session() as session:
-            return list(session.exec(query))
 
     def get_many(self, job_ids: Collection[str]) -> list[GenerationJob]:
         """The jobs among `job_ids` that exist, in dispatch order (priority, arrival, id)."""
@@ -233,11 +214,11 @@ class JobStore:
     def unfinished_view(self) -> dict[str, tuple[str, datetime]]:
         """id -> (status, updated_at in UTC) of the pending and running jobs, reading nothing else."""
         with self._session() as session:
-            rows = session.exec(_STATUS_VIEW.where(GenerationJob.status.in_(UNFINISHED))).all()
+            rows = session.exec(_STATUS_VIEW.where(col(GenerationJob.status).in_(UNFINISHED))).all()
         return {str(job_id): (status, as_utc(updated_at)) for job_id, status, updated_at in rows}
 
     def existing_ids(self, job_ids: Sequence[uuid.UUID | str]) -> set[str]:
-        query = select(GenerationJob.id).where(GenerationJob.id.in_([_uuid(job_id) for job_id in job_ids]))
+        query = select(GenerationJob.id).where(col(GenerationJob.id).in_([_uuid(job_id) for job_id in job_ids]))
         with self._session() as session:
             return {str(job_id) for job_id in session.exec(query)}
 
@@ -250,8 +231,8 @@ class JobStore:
         """Pending and running jobs in dispatch order, to rebuild the router's queue."""
         query = (
             select(GenerationJob)
-            .where(GenerationJob.status.in_(UNFINISHED))
-            .order_by(GenerationJob.priority, GenerationJob.created_at, GenerationJob.id)
+            .where(col(GenerationJob.status).in_(UNFINISHED))
+            .order_by(col(GenerationJob.priority), col(GenerationJob.created_at), col(GenerationJob.id))
         )
         with self._session() as session:
             return list(session.exec(query))
@@ -343,5 +324,23 @@ class JobStore:
     def count_by_status(self) -> dict[str, int]:
         query = select(GenerationJob.status, sa.func.count()).group_by(GenerationJob.status)
         with self._session() as session:
-            return {status: count for status, count in session.exec(query)}
+            return dict(session.exec(query).all())
 
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        lane: str | None = None,
+        batch_id: uuid.UUID | None = None,
+        limit: int = 50,
+    ) -> list[GenerationJob]:
+        query = select(GenerationJob)
+        if status is not None:
+            query = query.where(GenerationJob.status == status.value)
+        if lane is not None:
+            query = query.where(GenerationJob.lane == lane)
+        if batch_id is not None:
+            query = query.where(GenerationJob.batch_id == batch_id)
+        query = query.order_by(col(GenerationJob.created_at).desc(), col(GenerationJob.id)).limit(limit)
+        with self._session() as session:
+            return list(session.exec(query))

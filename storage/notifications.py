@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from enum import Enum
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from storage.database import for_writes, get_engine
 from storage.models import Notification, utcnow
@@ -47,15 +47,13 @@ class NotificationService:
             connection.execute(sa.insert(Notification).values(created_at=now), rows)
         return len(rows)
 
-    def list(
-        self, *, job_id: uuid.UUID | None = None, level: Level | None = None, limit: int = 50
-    ) -> list[Notification]:
+    def list(self, *, job_id: uuid.UUID | None = None, level: Level | None = None, limit: int = 50) -> list[Notification]:
         query = select(Notification)
         if job_id is not None:
             query = query.where(Notification.job_id == job_id)
         if level is not None:
             query = query.where(Notification.level == level.value)
-        query = query.order_by(Notification.created_at.desc(), Notification.id).limit(limit)
+        query = query.order_by(col(Notification.created_at).desc(), col(Notification.id)).limit(limit)
         with Session(self._engine, expire_on_commit=False) as session:
             return list(session.exec(query))
 

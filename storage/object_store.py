@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storage.settings import StorageSettings
 
+if TYPE_CHECKING:
+    import urllib3
 
 S3_CONNECT_TIMEOUT_S = 5.0
 S3_READ_TIMEOUT_S = 30.0
@@ -166,12 +169,12 @@ class S3ObjectStore(ObjectStore):
         self._client.remove_object(self.bucket, key)
 
 
-def _http_client():  # type: ignore[no-untyped-def]  # urllib3 is minio's, imported with it
+def _http_client() -> urllib3.PoolManager:
     """Minio's default client has no timeouts: a stalled S3 server would hang an upload for good.
 
     Callers retry with their own backoff (the worker for `upload_timeout_s`), so few retries here.
     """
-    import urllib3
+    import urllib3  # minio's own HTTP library
 
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=S3_CONNECT_TIMEOUT_S, read=S3_READ_TIMEOUT_S),

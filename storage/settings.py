@@ -38,7 +38,7 @@ class StorageSettings(BaseSettings):
     media_dir: str = Field("", description="Folder for images when no S3 endpoint is set; empty means SEIDRA_HOME/media.")
 
     @model_validator(mode="after")
-    def _fill_embedded_defaults(self) -> "StorageSettings":
+    def _fill_embedded_defaults(self) -> StorageSettings:
         home = seidra_home()
         if not self.database_url:
             self.database_url = f"sqlite:///{home / 'seidra.db'}"
