@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit lint drill clean
+.PHONY: demo test unit lint load drill clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 clean:
-	rm -rf $(VENV) .seidra build *.egg-info
+	rm -rf $(VENV) .seidra .seidra-load build *.egg-info
+
+# docs/reliability.md's load run: 200 realtime clients over 5,000 batch jobs, tiny model, one local cluster.
+LOAD_ARGS ?= --realtime-clients 200 --requests-per-client 3 --batch-jobs 5000 --steps 2 --size 64
+load: $(STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra-load} \
+		$(BIN)/python -m bench.load --up $(LOAD_ARGS) --out $${SEIDRA_HOME:-$(CURDIR)/.seidra-load}/load-report.json
 
 # The GPU-fault drill of docs/gpu-fault-drill.md, on this machine.
 drill: $(STAMP)

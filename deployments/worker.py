@@ -79,6 +79,9 @@ class DiffusionWorker:
     async def _advance(self, item: WorkItem) -> WorkResult:
         from deployments.pipeline import StepControl
 
+        if item.step == 0 and await asyncio.to_thread(self._already_stored, item.job_id):
+            # A run whose answer was lost (its router died) stored the image already: not twice.
+            return WorkResult(item.job_id, self._replica_id, item.params.num_inference_steps, 0.0, object_key=image_key(item.job_id))
         faults = self.model_manager.faults
         started = time.perf_counter()
         deadline = time.monotonic() + item.timeout_s if item.timeout_s else None
@@ -147,10 +150,19 @@ class DiffusionWorker:
                     logger.warning("Storing %s failed (%s: %s); retry %d in %d s", key, type(error).__name__, error, attempt, delay_s)
                     await asyncio.sleep(delay_s)
 
-    def _put(self, key: str, png: bytes) -> None:
+    def _already_stored(self, job_id: str) -> bool:
+        try:
+            return self._object_store().exists(image_key(job_id))
+        except Exception:  # the store is down: compute, and let the upload say so
+            return False
+
+    def _object_store(self) -> ObjectStore:
         if self._store is None:
             self._store = open_object_store(self._storage)
-        self._store.put(key, png, "image/png")
+        return self._store
+
+    def _put(self, key: str, png: bytes) -> None:
+        self._object_store().put(key, png, "image/png")
 
     def get_status_snapshot(self) -> ReplicaSnapshot:
         return replace(self.model_manager.get_status_snapshot(), running_jobs=tuple(sorted(self._running_jobs)))

@@ -115,6 +115,10 @@ class ReplicaPool:
         replica = self._replicas.get(replica_id) if replica_id else None
         return replica is not None and self.unavailable_reason(replica) == "maintenance"
 
+    def runs_elsewhere(self, job_id: str) -> bool:
+        """A replica reports running `job_id` on a call this router did not send (a previous router's)."""
+        return any(job_id in r.reported_running and job_id not in r.running for r in self._replicas.values())
+
     def any_draining(self) -> bool:
         return any(self.is_draining(replica_id) for replica_id in self._replicas)
 

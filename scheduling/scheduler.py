@@ -519,14 +519,21 @@ class Scheduler:
                 if self._pool.assign_draining(record.job_id, record.checkpoint.replica_id):
                     self._queue.remove(record.job_id)
                     starts += self._start(record, record.checkpoint.replica_id)
+        still_running: list[QueuedJob] = []
         while self._pool.usable_slots() > 0:
             queued = self._queue.pop()
             if queued is None:
                 break
+            if self._pool.runs_elsewhere(queued.job_id):
+                # A previous router's call still runs it: running it twice would store its image twice.
+                still_running.append(queued)
+                continue
             record = self._records[queued.job_id]
             replica_id = self._pool.assign(record.job_id)
             assert replica_id is not None  # there was a usable slot
             starts += self._start(record, replica_id)
+        for queued in still_running:
+            self._queue.push(queued)
         return starts
 
     def _continues_draining(self, record: JobRecord) -> bool:

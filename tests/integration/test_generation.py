@@ -105,20 +105,3 @@ def test_status_shows_queues_and_workers(app: RunningApp) -> None:
     [worker] = status["workers"]
     assert (worker["device"], worker["slots"], worker["mode"], worker["health"]) == ("cpu", 1, "cpu", "healthy")
     assert app.http.get("/health").json() == {"status": "ok"}
-
-
-def test_the_router_rebuilds_its_queue_from_the_database_after_a_crash(app: RunningApp) -> None:
-    import ray
-
-    from scheduling.router import get_router
-    from serve_app.app import APP_NAME
-
-    # Long enough that the first one is still running when the router dies.
-    jobs = app.submit_batch([{"prompt": f"survivor {index}", "num_inference_steps": 100} for index in range(4)])["job_ids"]
-    app.wait_for([jobs[0]], statuses=("running",), timeout_s=60)
-    ray.kill(get_router(APP_NAME), no_restart=False)  # Ray restarts it: max_restarts=-1
-
-    finished = app.wait_for(jobs)
-    assert [job["status"] for job in finished] == ["completed"] * 4
-    assert finished[0]["metadata"].get("requeued") == "router restarted"
-    assert all(app.media.exists(job["result_key"]) for job in finished)

@@ -391,3 +391,13 @@ def test_work_items_carry_the_jobs_parameters_and_trace() -> None:
     core.report("gpu")
     [start] = core.starts()
     assert start.item.params == PARAMS and start.item.trace_context == {"traceparent": "00-ab-cd-01"}
+
+
+def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -> None:
+    core = Core()
+    core.scheduler.recover([spec("inherited", status=JobStatus.RUNNING), spec("other", arrival=1)], reason="router restarted")
+    core.report("gpu-a", running=("inherited",))  # still busy with the dead router's call
+    core.report("gpu-b")
+    assert job_ids(core.starts()) == ["other"]  # not a second run of it on the free replica
+    core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
+    assert job_ids(core.starts()) == ["inherited"]

@@ -1,0 +1,1 @@
+"""Load and benchmark tools; run from the repository root (`python -m bench.load`)."""
