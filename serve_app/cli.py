@@ -15,12 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from scheduling.lanes import Lane
+from serve_app.client import DEFAULT_URL, ApiError, SeidraClient
 from storage.job_status import JobStatus
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class CliError(Exception):
@@ -41,22 +38,8 @@ def api_url(explicit: str | None) -> str:
     return state.url if state else DEFAULT_URL
 
 
-def request(method: str, url: str, path: str, **kwargs: Any) -> Any:
-    try:
-        response = httpx.request(method, f"{url}{path}", timeout=kwargs.pop("timeout", 30), **kwargs)
-    except httpx.HTTPError as error:
-        raise CliError(f"SEIDRA is not reachable at {url} ({error}); start it with `seidra up`") from None
-    if response.status_code >= 400:
-        raise CliError(f"{method} {path} failed with HTTP {response.status_code}: {_error_text(response)}")
-    return response.json()
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300]
-    return str(body.get("message") or body.get("detail") or body)
+def api_client(explicit_url: str | None) -> SeidraClient:
+    return SeidraClient(api_url(explicit_url))
 
 
 # ----- commands -----
@@ -123,12 +106,12 @@ def cmd_down(_args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    url = api_url(args.url)
-    status = request("GET", url, "/status")
+    with api_client(args.url) as api:
+        status = api.get("/status")
     if args.json:
         print(json.dumps(status, indent=2))
         return
-    print(f"SEIDRA at {url}")
+    print(f"SEIDRA at {api.base_url}")
     print("queues:  " + ", ".join(f"{lane} {depth}" for lane, depth in status["queues"].items()))
     print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
     print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
@@ -153,7 +136,6 @@ def worker_line(worker: dict[str, Any]) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    url = api_url(args.url)
     item = {
         key: value
         for key, value in {
@@ -168,26 +150,19 @@ def cmd_submit(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
-    if args.batch:
-        job = request("POST", url, "/generation/batch", json={"items": [item]})["jobs"][0]
-    else:
-        job = request("POST", url, "/generation/single", json=item)
-    if args.wait:
-        job = wait_for_job(url, str(job["id"]), args.timeout)
+    with api_client(args.url) as api:
+        if args.batch:
+            job = api.post("/generation/batch", json={"items": [item]})["jobs"][0]
+        else:
+            job = api.post("/generation/single", json=item)
+        if args.wait:
+            try:
+                job = api.wait_for_job(str(job["id"]), args.timeout)
+            except TimeoutError as error:
+                raise CliError(str(error)) from None
     print(json.dumps(job, indent=2) if args.json else job_line(job))
     if args.wait and job["status"] != "completed":
         raise CliError(f"job {job['id']} ended {job['status']}: {job.get('error') or 'no error recorded'}")
-
-
-def wait_for_job(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = request("GET", url, f"/jobs/{job_id}")
-        if JobStatus(job["status"]).is_terminal:
-            return job
-        if time.monotonic() > deadline:
-            raise CliError(f"job {job_id} is still {job['status']} after {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 def job_line(job: dict[str, Any]) -> str:
@@ -196,7 +171,8 @@ def job_line(job: dict[str, Any]) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> None:
     params = {"limit": args.limit, **{k: v for k, v in (("status", args.status), ("lane", args.lane)) if v}}
-    jobs = request("GET", api_url(args.url), "/jobs", params=params)
+    with api_client(args.url) as api:
+        jobs = api.get("/jobs", params=params)
     if args.json:
         print(json.dumps(jobs, indent=2))
         return
@@ -219,43 +195,47 @@ def format_jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
 
 
 def cmd_retry(args: argparse.Namespace) -> None:
-    job = request("POST", api_url(args.url), f"/jobs/{args.job_id}/retry", params={"countdown_s": args.countdown})
+    with api_client(args.url) as api:
+        job = api.post(f"/jobs/{args.job_id}/retry", params={"countdown_s": args.countdown})
     when = f" in {args.countdown:g} s" if args.countdown else ""
     print(json.dumps(job, indent=2) if args.json else f"{job_line(job)}  (re-queued at priority {job['priority']}{when})")
 
 
 def cmd_maintenance(args: argparse.Namespace) -> None:
     body = {"enabled": args.state == "on", "replica_id": args.replica}
-    workers = request("POST", api_url(args.url), "/admin/maintenance", json=body)["workers"]
+    with api_client(args.url) as api:
+        workers = api.post("/admin/maintenance", json=body)["workers"]
     print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
 
 
 def cmd_lane(args: argparse.Namespace) -> None:
     body = {"paused": args.action == "pause"}
-    paused = request("POST", api_url(args.url), f"/admin/lanes/{args.lane}", json=body)["paused_lanes"]
+    with api_client(args.url) as api:
+        paused = api.post(f"/admin/lanes/{args.lane}", json=body)["paused_lanes"]
     print(f"paused lanes: {', '.join(paused) or 'none'}")
 
 
 def cmd_fault(args: argparse.Namespace) -> None:
-    url = api_url(args.url)
-    if args.clear:
-        params = {"replica_id": args.replica} if args.replica else {}
-        workers = request("DELETE", url, "/admin/faults", params=params)["workers"]
-    else:
-        body = {
-            "replica_id": args.replica,
-            "temperature_c": args.temperature,
-            "health": args.health,
-            "inference_delay_s": args.inference_delay,
-            "fail_inference": args.fail_inference,
-        }
-        workers = request("POST", url, "/admin/faults", json=body)["workers"]
+    with api_client(args.url) as api:
+        if args.clear:
+            params = {"replica_id": args.replica} if args.replica else {}
+            workers = api.delete("/admin/faults", params=params)["workers"]
+        else:
+            body = {
+                "replica_id": args.replica,
+                "temperature_c": args.temperature,
+                "health": args.health,
+                "inference_delay_s": args.inference_delay,
+                "fail_inference": args.fail_inference,
+            }
+            workers = api.post("/admin/faults", json=body)["workers"]
     print(json.dumps(workers, indent=2) if args.json else "\n".join(worker_line(w) for w in workers))
 
 
 def cmd_notifications(args: argparse.Namespace) -> None:
     params = {"limit": args.limit, **{k: v for k, v in (("job_id", args.job), ("level", args.level)) if v}}
-    rows = request("GET", api_url(args.url), "/notifications", params=params)
+    with api_client(args.url) as api:
+        rows = api.get("/notifications", params=params)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -470,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (CliError, ClusterError) as error:
+    except (CliError, ClusterError, ApiError) as error:
         print(f"seidra: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,11 +7,11 @@ import os
 import sys
 from typing import Any
 
-import httpx
 from PIL import Image
 
-from serve_app.cli import format_jobs_table, wait_for_job
+from serve_app.cli import format_jobs_table
 from serve_app.cli import main as seidra
+from serve_app.client import SeidraClient
 from serve_app.cluster import UpState
 from storage.object_store import open_object_store
 from storage.settings import StorageSettings, seidra_home
@@ -33,27 +33,22 @@ def ensure_model() -> bool:
     return is_tiny_model(os.environ["SEIDRA_MODEL"])
 
 
-def run_requests(url: str, size: int, steps: int) -> list[dict[str, Any]]:
+def run_requests(api: SeidraClient, size: int, steps: int) -> list[dict[str, Any]]:
     common = {"width": size, "height": size, "num_inference_steps": steps}
-    with httpx.Client(base_url=url, timeout=300) as http:
-        batch = http.post("/generation/batch", json={"items": [{"prompt": p, **common} for p in BATCH_PROMPTS], "priority": "low"})
-        batch.raise_for_status()
-        print(f"POST /generation/batch -> {batch.status_code}: batch {batch.json()['batch_id']}, {len(BATCH_PROMPTS)} jobs")
-        realtime = http.post("/generation/single", params={"wait": "true"}, json={"prompt": REALTIME_PROMPT, **common})
-        realtime.raise_for_status()
-        print(f"POST /generation/single?wait=true -> {realtime.status_code}: job {realtime.json()['id']} {realtime.json()['status']}")
-    job_ids = [str(job_id) for job_id in batch.json()["job_ids"]] + [realtime.json()["id"]]
-    return [wait_for_job(url, job_id, timeout_s=600) for job_id in job_ids]
+    batch = api.post("/generation/batch", json={"items": [{"prompt": p, **common} for p in BATCH_PROMPTS], "priority": "low"})
+    print(f"POST /generation/batch: batch {batch['batch_id']}, {len(BATCH_PROMPTS)} jobs")
+    realtime = api.post("/generation/single", params={"wait": "true"}, json={"prompt": REALTIME_PROMPT, **common})
+    print(f"POST /generation/single?wait=true: job {realtime['id']} {realtime['status']}")
+    job_ids = [str(job_id) for job_id in batch["job_ids"]] + [realtime["id"]]
+    return [api.wait_for_job(job_id, timeout_s=600) for job_id in job_ids]
 
 
-def check_images(url: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_images(api: SeidraClient, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fetch every image back and show where it lives (a file or a presigned URL)."""
     store = open_object_store(StorageSettings())
     for job in jobs:
         if job["status"] == "completed":
-            png = httpx.get(f"{url}/jobs/{job['id']}/image", timeout=30)
-            png.raise_for_status()
-            Image.open(io.BytesIO(png.content)).verify()
+            Image.open(io.BytesIO(api.get_bytes(f"/jobs/{job['id']}/image"))).verify()
             job["image_url"] = store.location(job["result_key"])
     return jobs
 
@@ -66,9 +61,10 @@ def main() -> int:
     if seidra(["up"]) != 0:
         return 1
     try:
-        url = UpState.load().url  # type: ignore[union-attr]
         size, steps = (128, 12) if tiny else (512, 30)
-        jobs = check_images(url, run_requests(url, size, steps))
+        # ?wait=true holds a request up to SEIDRA_WAIT_TIMEOUT_S; on the CPU a job may take that long.
+        with SeidraClient(UpState.load().url, timeout_s=300) as api:  # type: ignore[union-attr]
+            jobs = check_images(api, run_requests(api, size, steps))
     finally:
         seidra(["down"])
     jobs.sort(key=lambda job: job["started_at"] or "")

@@ -14,8 +14,9 @@ import sys
 import time
 from typing import Any
 
-from serve_app.cli import format_jobs_table, request, wait_for_job, worker_line
+from serve_app.cli import format_jobs_table, worker_line
 from serve_app.cli import main as seidra
+from serve_app.client import SeidraClient
 from serve_app.cluster import UpState
 from serve_app.demo import ensure_model
 
@@ -30,37 +31,37 @@ OUTAGE_S = 12.0
 JOB = {"width": 128, "height": 128, "num_inference_steps": 24}
 
 
-def show_status(url: str, label: str) -> None:
-    status = request("GET", url, "/status")
+def show_status(api: SeidraClient, label: str) -> None:
+    status = api.get("/status")
     print(f"[{label}] queues {status['queues']} held {status['held']} running {status['running']}")
     for worker in status["workers"]:
         print(f"    {worker_line(worker)}")
 
 
-def run(url: str) -> list[str]:
+def run(api: SeidraClient) -> list[str]:
     """The drill itself; returns the failed checks."""
-    batch = request("POST", url, "/generation/batch", json={"items": [{"prompt": f"batch {i}", **JOB} for i in range(6)]})
+    batch = api.post("/generation/batch", json={"items": [{"prompt": f"batch {i}", **JOB} for i in range(6)]})
     batch_ids = [str(job_id) for job_id in batch["job_ids"]]
-    show_status(url, "load")
+    show_status(api, "load")
     print("\n== Injecting the fault: every GPU reports 95 °C ==")
-    request("POST", url, "/admin/faults", json={"temperature_c": 95})
-    while not request("GET", url, "/status")["outage"]:  # the replicas learn of it with their next heartbeat
+    api.post("/admin/faults", json={"temperature_c": 95})
+    while not api.get("/status")["outage"]:  # the replicas learn of it with their next heartbeat
         time.sleep(0.5)
     deadline = time.monotonic() + OUTAGE_S
     realtime_ids: list[str] = []
     while time.monotonic() < deadline:
         if len(realtime_ids) < 2:
-            realtime_ids.append(request("POST", url, "/generation/single", json={"prompt": "interactive", **JOB})["id"])
-        show_status(url, "outage")
+            realtime_ids.append(api.post("/generation/single", json={"prompt": "interactive", **JOB})["id"])
+        show_status(api, "outage")
         time.sleep(3)
     print("\n== Clearing the fault ==")
-    request("DELETE", url, "/admin/faults")
-    jobs = {job_id: wait_for_job(url, job_id, timeout_s=600) for job_id in batch_ids + realtime_ids}
-    show_status(url, "recovered")
-    return report(url, jobs, batch_ids, realtime_ids)
+    api.delete("/admin/faults")
+    jobs = {job_id: api.wait_for_job(job_id, timeout_s=600) for job_id in batch_ids + realtime_ids}
+    show_status(api, "recovered")
+    return report(api, jobs, batch_ids, realtime_ids)
 
 
-def report(url: str, jobs: dict[str, dict[str, Any]], batch_ids: list[str], realtime_ids: list[str]) -> list[str]:
+def report(api: SeidraClient, jobs: dict[str, dict[str, Any]], batch_ids: list[str], realtime_ids: list[str]) -> list[str]:
     print()
     print(format_jobs_table(sorted(jobs.values(), key=lambda job: job["started_at"] or "")))
     failed_checks = []
@@ -69,7 +70,7 @@ def report(url: str, jobs: dict[str, dict[str, Any]], batch_ids: list[str], real
     delayed = [job for job in jobs.values() if job["metadata"].get("degraded")]
     print(f"\n{len(delayed)} job(s) were delayed:")
     for job in delayed:
-        notes = request("GET", url, "/notifications", params={"job_id": job["id"]})
+        notes = api.get("/notifications", params={"job_id": job["id"]})
         print(f"  {job['id']} ({job['lane']}): {len(job['metadata']['degraded']['history'])} delay(s), {len(notes)} warning(s)")
         for entry in job["metadata"]["degraded"]["history"]:
             print(f"      {entry['at']}  retry after {entry['retry_after_seconds']} s  {entry['reason']}")
@@ -85,7 +86,9 @@ def report(url: str, jobs: dict[str, dict[str, Any]], batch_ids: list[str], real
     ]
     if any(r["finished_at"] > b["started_at"] for r, b in overtaken):
         failed_checks.append("realtime jobs ran before the batch jobs queued earlier")
-    print(f"Realtime jobs finished before the {len({b['id'] for _, b in overtaken})} batch job(s) still waiting when they arrived started.")
+    print(
+        f"Realtime jobs finished before the {len({b['id'] for _, b in overtaken})} batch job(s) still waiting when they arrived started."
+    )
     return failed_checks
 
 
@@ -96,7 +99,8 @@ def main() -> int:
     if seidra(["up"]) != 0:
         return 1
     try:
-        failed_checks = run(UpState.load().url)  # type: ignore[union-attr]
+        with SeidraClient(UpState.load().url) as api:  # type: ignore[union-attr]
+            failed_checks = run(api)
     except Exception as error:  # report, then still bring SEIDRA down
         print(f"drill aborted: {error}", file=sys.stderr)
         failed_checks = ["the drill ran to its end"]

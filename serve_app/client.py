@@ -1,0 +1,135 @@
+"""A small typed client for SEIDRA's HTTP API, used by the `seidra` CLI, `make demo` and `make drill`.
+
+Errors, HTTP or network, become one `ApiError` whose text is one line for the operator; it keeps the
+status code and `Retry-After` for callers that want to act on them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from storage.job_status import JobStatus
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# A 503 with Retry-After (the router restarting) is retried this many times on GETs; longer waits
+# than RETRY_AFTER_CAP_S are the caller's to decide on.
+GET_RETRIES = 3
+RETRY_AFTER_CAP_S = 30.0
+
+
+class ApiError(Exception):
+    """A request that failed: `status_code` is None when SEIDRA could not be reached at all."""
+
+    def __init__(self, text: str, status_code: int | None = None, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(text)
+        self.status_code = status_code
+        self.message = message or text
+        self.retry_after_s = retry_after_s
+
+
+class SeidraClient:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout_s: float = 30.0,
+        get_retries: int = GET_RETRIES,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._get_retries = get_retries
+        self._sleep = sleep
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    def __enter__(self) -> SeidraClient:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, *, params: dict[str, Any] | None = None) -> Any:
+        return self._send("GET", path, params=params).json()
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._send("GET", path).content
+
+    def post(self, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        return self._send("POST", path, json=json, params=params).json()
+
+    def delete(self, path: str, *, params: dict[str, Any] | None = None) -> Any:
+        return self._send("DELETE", path, params=params).json()
+
+    def wait_for_job(self, job_id: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """The job once it reached a terminal status; TimeoutError when it has not within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job: dict[str, Any] = self.get(f"/jobs/{job_id}")
+            if JobStatus(job["status"]).is_terminal:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s:.0f} s")
+            self._sleep(poll_s)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        retries_left = self._get_retries if method == "GET" else 0
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.HTTPError as error:
+                raise ApiError(f"SEIDRA is not reachable at {self.base_url} ({error}); start it with `seidra up`") from None
+            if response.status_code < 400:
+                return response
+            failure = _api_error(method, path, response)
+            wait_s = failure.retry_after_s
+            if response.status_code != 503 or wait_s is None or wait_s > RETRY_AFTER_CAP_S or retries_left == 0:
+                raise failure
+            retries_left -= 1
+            self._sleep(wait_s)
+
+
+def _api_error(method: str, path: str, response: httpx.Response) -> ApiError:
+    message = _server_message(response)
+    return ApiError(
+        f"{method} {path} failed with HTTP {response.status_code}: {message}",
+        status_code=response.status_code,
+        message=message,
+        retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+    )
+
+
+def _server_message(response: httpx.Response) -> str:
+    """Our API's one-line `message`, else FastAPI's `detail`, else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if not isinstance(body, dict):
+        return str(body)[:300]
+    return str(body.get("message") or body.get("detail") or body)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": a date in UTC whose sender did not say so
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
