@@ -110,15 +110,8 @@ class DiffusionRunner:
         return SliceOutput(step=total, total_steps=total, png=_png(output[0]))
 
     def _call_arguments(self, params: GenerationParams) -> dict[str, Any]:
-        return {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance_scale,
-            # Seeded on the CPU so a seed gives the same image whatever the device.
-            "generator": torch.Generator("cpu").manual_seed(params.seed),
-        }
+        # Seeded on the CPU so a seed gives the same image whatever the device.
+        return {**params.pipeline_arguments(), "generator": torch.Generator("cpu").manual_seed(params.seed)}
 
 
 def _resumes_exactly(config: Any) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -44,17 +43,16 @@ UPLOAD_BACKOFF = Backoff(base_s=0.5, cap_s=8.0, jitter=0.2)
     request_router_config=RequestRouterConfig(request_router_class=AssignedReplicaRouter),
 )
 class DiffusionWorker:
-    def __init__(self, settings_env: dict[str, str]) -> None:
+    def __init__(self, settings: WorkerSettings, storage: StorageSettings) -> None:
         # Imported here so that building the application does not import torch in the driver.
         from deployments.pipeline import DiffusionRunner
 
-        os.environ.update(settings_env)  # the application's args, before any settings are read
         tracing.configure("worker")
         tracing.configure_logging()
-        self._settings = WorkerSettings()
+        self._settings = settings
         gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
         self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
-        self._storage = StorageSettings()
+        self._storage = storage
         self._store: ObjectStore | None = None  # opened on first upload: S3 may be down as the replica starts
         context = serve.get_replica_context()
         self._replica_id, self._app_name = context.replica_id.unique_id, context.app_name

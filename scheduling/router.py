@@ -98,11 +98,8 @@ def _span_attributes(job: GenerationJob) -> dict[str, Any]:
 
 
 def job_spec(job: GenerationJob) -> JobSpec:
-    params = GenerationParams(
-        job.prompt, job.negative_prompt, job.width, job.height, job.num_inference_steps, job.guidance_scale, job.seed
-    )
     arrival = as_utc(job.created_at).timestamp()
-    return JobSpec(str(job.id), job.priority, arrival, params, JobStatus(job.status), job.meta)
+    return JobSpec(str(job.id), job.priority, arrival, GenerationParams.of(job), JobStatus(job.status), job.meta)
 
 
 class JobRouter:
@@ -119,7 +116,6 @@ class JobRouter:
         self._waiters: dict[str, asyncio.Event] = {}
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
-        self._admission = asyncio.Lock()
         self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
         self._tasks: set[asyncio.Task[None]] = set()
         for loop_task in (self._writer.run(), self._recover(), self._dispatch_loop(), self._reconcile_loop()):
@@ -174,17 +170,18 @@ class JobRouter:
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans, strict=True):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
-            async with self._admission:  # so two submissions cannot both take the last room in a lane
-                self._core.check_room([Lane(job.lane) for job in jobs])
-                try:
-                    submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
-                except STORAGE_OUTAGES as outage:
-                    metrics.storage_errors().inc(tags={"call": "submit"})
-                    raise RouterUnavailable(
-                        f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s
-                    ) from None
-                if submission.created:
-                    self._core.submit([job_spec(job) for job in submission.jobs])
+            reservation = self._core.reserve([Lane(job.lane) for job in jobs])
+            try:
+                submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
+            except STORAGE_OUTAGES as outage:
+                metrics.storage_errors().inc(tags={"call": "submit"})
+                raise RouterUnavailable(
+                    f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s
+                ) from None
+            finally:
+                self._core.release(reservation)
+            if submission.created:
+                self._core.submit([job_spec(job) for job in submission.jobs])
         for job in submission.jobs if submission.created else ():
             metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
         self._wake.set()
@@ -196,8 +193,10 @@ class JobRouter:
         try:
             actions = self._core.cancel(job_id)
         except UnknownJob:  # not in the router's hands: the database decides (ended, gone, or diverged)
-            write = JobWrite(job_id, frozenset({JobStatus.PENDING, JobStatus.RUNNING}), JobStatus.CANCELLED, mark_finished=True)
-            actions = [Finish(write)]
+            unfinished = frozenset({JobStatus.PENDING, JobStatus.RUNNING})
+            job = await self._writer.transition(JobWrite(job_id, unfinished, JobStatus.CANCELLED, mark_finished=True))
+            self._finished(job)
+            return job
         [written, *_] = self._execute(actions)
         self._wake.set()
         return await written

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -230,19 +231,28 @@ class Scheduler:
         self._queue = LaneQueues(config.queue_limits, retry_after_s=config.queue_full_retry_after_s)
         self._pool = ReplicaPool(config.worker_ttl_s, clock=clock)
         self._call_ids = count(1)
+        self._reserved: Counter[Lane] = Counter()
         self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
 
     # ----- submissions and recovery -----
 
-    def check_room(self, lanes: Collection[Lane]) -> None:
-        """Raise QueueFullError unless jobs of `lanes` (one entry per job) all fit."""
-        for lane in Lane:
-            wanted = sum(1 for job_lane in lanes if job_lane is lane)
-            if wanted:
-                self._queue.check_room(lane, wanted)
+    def reserve(self, lanes: Collection[Lane]) -> Counter[Lane]:
+        """Room for jobs about to be stored (one lane per job), or QueueFullError when they do not fit.
+
+        Counting other reservations still being stored, two submissions cannot both take the last
+        room in a lane, yet neither waits for the other's database write. `release` it once stored.
+        """
+        wanted = Counter(lanes)
+        for lane, jobs in wanted.items():
+            self._queue.check_room(lane, jobs + self._reserved[lane])
+        self._reserved.update(wanted)
+        return wanted
+
+    def release(self, reservation: Counter[Lane]) -> None:
+        self._reserved.subtract(reservation)
 
     def submit(self, jobs: Collection[JobSpec]) -> None:
-        """Stored jobs join their lanes. Call `check_room` before storing them."""
+        """Stored jobs join their lanes (after `reserve`, and `release` once stored)."""
         for spec in jobs:
             self._enqueue(self._new_record(spec))
 
@@ -250,7 +260,8 @@ class Scheduler:
         """Take over unfinished stored jobs (after a restart, or found by the reconciler).
 
         A job stored as running has no call here: its answer went to a router that is gone, so it
-        runs again from the start (same object key, nothing duplicated).
+        runs again from the start, once no replica reports that call as running any more (see
+        `schedule`); a replica that finds its image stored already just reports it done.
         """
         actions: list[Action] = []
         now = self._clock()
@@ -266,7 +277,10 @@ class Scheduler:
                 actions.append(Persist(self._write(record, JobStatus.PENDING, metadata={"requeued": reason})))
             not_before = (spec.metadata.get("retry") or {}).get("not_before")
             not_before_s = datetime.fromisoformat(not_before).timestamp() if not_before else 0.0
-            self._defer(record, not_before_s) if not_before_s > now else self._enqueue(record)
+            if not_before_s > now:
+                self._defer(record, not_before_s)
+            else:
+                self._enqueue(record)
         return actions
 
     def _new_record(self, spec: JobSpec) -> JobRecord:
@@ -346,7 +360,10 @@ class Scheduler:
             current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
             raise IllegalTransition(job.job_id, current, JobStatus.PENDING)
         record.failures = 0
-        self._defer(record, not_before) if countdown_s > 0 else self._enqueue(record)
+        if countdown_s > 0:
+            self._defer(record, not_before)
+        else:
+            self._enqueue(record)
         return [Persist(write)]
 
     # ----- calls -----

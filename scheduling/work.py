@@ -5,8 +5,8 @@ Latents are NumPy arrays rather than tensors so that the router can hold them wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the router holds latents without importing NumPy itself
     import numpy as np
@@ -14,6 +14,13 @@ if TYPE_CHECKING:  # the router holds latents without importing NumPy itself
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """What a job asks the pipeline for: the one definition of the generation fields.
+
+    The names are those of a diffusers text-to-image call. The job table, the API's request and
+    response bodies declare the same fields with their own column types and bounds
+    (tests/unit/test_generation_fields.py keeps them in step).
+    """
+
     prompt: str
     negative_prompt: str | None
     width: int
@@ -21,6 +28,21 @@ class GenerationParams:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in fields(cls))
+
+    @classmethod
+    def of(cls, record: Any) -> GenerationParams:
+        """The generation fields of anything that has them as attributes (a stored job, a request)."""
+        return cls(**{name: getattr(record, name) for name in cls.names()})
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        """The diffusers call's own arguments; the seed becomes a generator, the steps a schedule."""
+        arguments = asdict(self)
+        del arguments["seed"], arguments["num_inference_steps"]
+        return arguments
 
 
 @dataclass(frozen=True)

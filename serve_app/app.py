@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -31,7 +30,6 @@ from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.router import RouterUnavailable, get_or_create_router
-from scheduling.settings import RouterSettings
 from serve_app.schemas import (
     LIMITS,
     BatchAccepted,
@@ -43,13 +41,12 @@ from serve_app.schemas import (
     MaintenanceRequest,
     NotificationView,
 )
-from serve_app.settings import ApiSettings
+from serve_app.settings import AppSettings, settings_from_args
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob
 from storage.notifications import Level, NotificationService
 from storage.object_store import ObjectNotFound, open_object_store
-from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +140,14 @@ def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None)
 @serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class SeidraAPI:
-    def __init__(self, worker: DeploymentHandle, settings_env: dict[str, str]) -> None:
-        os.environ.update(settings_env)  # the application's args, before any settings are read
+    def __init__(self, worker: DeploymentHandle, settings: AppSettings) -> None:
         tracing.configure("api")
-        storage = StorageSettings()
+        self._settings = settings
+        storage = settings.storage
         self._jobs = JobStore(storage.database_url)
         self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
-        self._router = get_or_create_router(serve.get_replica_context().app_name, worker, RouterSettings(), storage)
+        self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings.router, storage)
 
     def _view(self, job: GenerationJob) -> JobView:
         fields = job.model_dump()
@@ -292,7 +289,7 @@ class SeidraAPI:
         return {"workers": await _router_call(self._router.set_faults.remote(replica_id, None))}
 
     def _require_fault_injection(self) -> None:
-        if not WorkerSettings().fault_injection:
+        if not self._settings.worker.fault_injection:
             raise HTTPException(403, "fault injection is disabled; it needs SEIDRA_FAULT_INJECTION=1 (drills and tests only)")
 
     @api.get("/health")
@@ -319,11 +316,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """
     from deployments.worker import DiffusionWorker
 
-    settings_env = settings_from_args(args or {})
-    os.environ.update(settings_env)  # so that the options below see them too
-    worker = WorkerSettings().require_model()
-    # In the replicas' environment from their start: some settings are read when modules load.
-    runtime_env = {"env_vars": {**tracing.environment(), **settings_env}}
+    settings = AppSettings.resolve(args or {})
+    worker = settings.worker.require_model()
+    # The replicas get their settings as objects; the variables serve the request schemas, whose
+    # bounds FastAPI needs when their module loads (`serve_app.schemas.LIMITS`).
+    runtime_env = {"env_vars": {**tracing.environment(), **settings_from_args(args or {})}}
     workers = DiffusionWorker.options(
         **_replicas(worker),
         ray_actor_options={
@@ -334,9 +331,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         },
         health_check_period_s=worker.health_check_period_s,
         health_check_timeout_s=worker.health_check_timeout_s,
-    ).bind(settings_env)
+    ).bind(settings.worker, settings.storage)
     api = SeidraAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
-    return api.bind(workers, settings_env)
+    return api.bind(workers, settings)
 
 
 def _replicas(worker: WorkerSettings) -> dict[str, Any]:
@@ -355,19 +352,3 @@ def _replicas(worker: WorkerSettings) -> dict[str, Any]:
             },
         }
     }
-
-
-SETTINGS_CLASSES = (StorageSettings, WorkerSettings, RouterSettings, ApiSettings)
-
-
-def settings_from_args(args: dict[str, Any]) -> dict[str, str]:
-    """Application args as `SEIDRA_*` variables; unknown names are refused with the valid ones."""
-    known = {"home"} | {name for cls in SETTINGS_CLASSES for name in cls.model_fields}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown SEIDRA setting(s) in the application args: {unknown}; known: {sorted(known)}")
-    return {f"SEIDRA_{name.upper()}": _env_text(value) for name, value in args.items()}
-
-
-def _env_text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import secrets
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field, StrictInt, field_validator
+from pydantic import BaseModel, Field, StrictInt, create_model, field_validator
 
 from scheduling.lanes import (
     DEFAULT_BATCH_PRIORITY,
     DEFAULT_REALTIME_PRIORITY,
     parse_priority,
 )
+from scheduling.work import GenerationParams
 from serve_app.settings import ApiSettings
 
 LIMITS = ApiSettings()
@@ -87,19 +88,18 @@ class BatchRequest(BaseModel):
         return [item.to_job_fields(self.priority) for item in self.items]  # type: ignore[arg-type]
 
 
-class JobView(BaseModel):
+# The generation fields of a job as the API shows them: GenerationParams' own, as they are stored.
+GenerationView: type[BaseModel] = create_model(
+    "GenerationView", **{name: (kind, ...) for name, kind in get_type_hints(GenerationParams).items()}
+)
+
+
+class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built from GenerationParams
     id: uuid.UUID
     status: str
     lane: str
     priority: int
     batch_id: uuid.UUID | None
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
     metadata: dict[str, Any]
     error: str | None
     attempts: int

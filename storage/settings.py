@@ -7,19 +7,27 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+HOME_FIELD = Field("~/.seidra", description="Folder for the embedded database, media and run state.")
+
 
 def seidra_home() -> Path:
-    """Where the embedded defaults live (SQLite file, media folder, run state)."""
-    return Path(_HomeSettings().home).expanduser().resolve()
+    """Where the embedded defaults live (SQLite file, media folder, run state): SEIDRA_HOME."""
+    return _resolved(_HomeSettings().home)
+
+
+def _resolved(home: str) -> Path:
+    return Path(home).expanduser().resolve()
 
 
 class _HomeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SEIDRA_")
-    home: str = Field("~/.seidra", description="Folder for the embedded database, media and run state.")
+    model_config = SettingsConfigDict(env_prefix="SEIDRA_", extra="ignore")
+    home: str = HOME_FIELD
 
 
 class StorageSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEIDRA_", extra="ignore")
+
+    home: str = HOME_FIELD
 
     database_url: str = Field(
         "",
@@ -39,7 +47,8 @@ class StorageSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> StorageSettings:
-        home = seidra_home()
+        home = _resolved(self.home)
+        self.home = str(home)
         if not self.database_url:
             self.database_url = f"sqlite:///{home / 'seidra.db'}"
         if not self.media_dir:

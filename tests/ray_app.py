@@ -132,7 +132,7 @@ def free_port() -> int:
 def _storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
     env: dict[str, str] = {}
     try:
-        env["SEIDRA_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        env["SEIDRA_DATABASE_URL"] = request.getfixturevalue("postgres").database("seidra_app")
     except pytest.skip.Exception:
         pass  # SQLite in SEIDRA_HOME
     try:

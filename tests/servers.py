@@ -311,6 +311,29 @@ class PostgresServer:
     url: str
     process: ServerProcess | None  # None for an external server, which the tests cannot stop
 
+    def serves(self, database_url: str) -> bool:
+        """Whether `database_url` is a database on this server."""
+        import sqlalchemy as sa
+
+        server = sa.engine.make_url(self.url).set(database=None)
+        return sa.engine.make_url(database_url).set(database=None) == server
+
+    def database(self, name: str) -> str:
+        """The URL of another database on this server, created if missing: tests that reset theirs
+        (DROP SCHEMA) must not pull tables from under a running application."""
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(self.url)
+        admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:
+                exists = connection.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}).first()
+                if not exists:
+                    connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+        return url.set(database=name).render_as_string(hide_password=False)
+
 
 @contextmanager
 def postgres_server() -> Iterator[PostgresServer]:

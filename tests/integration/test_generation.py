@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import io
 import uuid
-from datetime import datetime
 
 from PIL import Image
 
 from tests.ray_app import RunningApp
-
-
-def started(job: dict) -> datetime:
-    return datetime.fromisoformat(job["started_at"])
 
 
 def test_single_with_wait_stores_a_png_of_the_requested_size(app: RunningApp) -> None:
@@ -40,19 +35,6 @@ def test_a_batch_runs_to_completion_in_the_batch_lane(app: RunningApp) -> None:
     assert all(app.media.exists(job["result_key"]) for job in jobs)
     listed = app.http.get("/jobs", params={"batch_id": accepted["batch_id"]}).json()
     assert sorted(job["id"] for job in listed) == sorted(accepted["job_ids"])
-
-
-def test_realtime_jobs_take_precedence_over_batch_queue(app: RunningApp) -> None:
-    """With the only worker busy and batch jobs waiting, a realtime job submitted last starts first."""
-    long_batch = app.submit_batch([{"prompt": "long batch job", "num_inference_steps": 120}])["job_ids"][0]
-    app.wait_for([long_batch], statuses=("running",), timeout_s=60)
-    waiting = app.submit_batch([{"prompt": f"queued batch {index}"} for index in range(3)])["job_ids"]
-    realtime = app.submit(prompt="interactive request")["id"]
-
-    jobs = {job["id"]: job for job in app.wait_for([long_batch, *waiting, realtime])}
-    assert all(started(jobs[realtime]) < started(jobs[job_id]) for job_id in waiting)
-    # Work is dispatched in step slices, so the realtime job does not wait for the long one either.
-    assert jobs[realtime]["finished_at"] < jobs[long_batch]["finished_at"]
 
 
 def test_bad_input_is_refused_with_the_field_named_and_nothing_stored(app: RunningApp) -> None:

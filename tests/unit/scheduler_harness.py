@@ -72,7 +72,7 @@ class Core:
         return of_type(self.tick(), Start)
 
     def submit(self, *specs: JobSpec) -> None:
-        self.scheduler.check_room([lane_for(s.priority) for s in specs])
+        self.scheduler.release(self.scheduler.reserve([lane_for(s.priority) for s in specs]))
         self.scheduler.submit(specs)
 
     def report(self, replica_id: str, snapshot: ReplicaSnapshot = HEALTHY, running: tuple[str, ...] = ()) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from scheduling.job_queue import QueueFullError
+from scheduling.lanes import Lane
 from scheduling.scheduler import (
     GPU_TIMEOUT_REASON,
     CancelCall,
@@ -363,7 +364,7 @@ def test_the_reconciler_acts_only_on_divergences_seen_twice() -> None:
 
 
 def test_a_full_lane_refuses_the_whole_submission() -> None:
-    core = Core(overrides={"queue_limits": {lane: 2 for lane in __import__("scheduling.lanes").lanes.Lane}})
+    core = Core(overrides={"queue_limits": {lane: 2 for lane in Lane}})
     core.submit(spec("a", 8))
     with pytest.raises(QueueFullError) as full:
         core.submit(spec("b", 8), spec("c", 8), spec("r", 2))
@@ -371,9 +372,17 @@ def test_a_full_lane_refuses_the_whole_submission() -> None:
     assert sorted(places(core)) == ["a"]
 
 
-def test_paused_lanes_keep_their_jobs_in_place() -> None:
-    from scheduling.lanes import Lane
+def test_room_reserved_for_a_submission_being_stored_counts_against_the_lane() -> None:
+    core = Core(overrides={"queue_limits": {lane: 3 for lane in Lane}})
+    storing = core.scheduler.reserve([Lane.BATCH, Lane.BATCH])  # its database write is in flight
+    with pytest.raises(QueueFullError):
+        core.scheduler.reserve([Lane.BATCH, Lane.BATCH])
+    core.scheduler.reserve([Lane.REALTIME])  # another lane's room is its own
+    core.scheduler.release(storing)  # stored (or failed): its jobs are in the queue now, or nowhere
+    core.scheduler.reserve([Lane.BATCH] * 3)
 
+
+def test_paused_lanes_keep_their_jobs_in_place() -> None:
     core = Core()
     core.scheduler.set_lane_paused(Lane.BATCH, True)
     core.submit(spec("b", 8), spec("r", 2, 1))

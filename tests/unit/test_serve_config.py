@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import settings_from_args
+from serve_app.settings import settings_from_args
 from serve_app.cluster import SERVE_CONFIG, serve_config
 
 
