@@ -8,15 +8,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from scheduling.lanes import Lane
 from serve_app.client import DEFAULT_URL, ApiError, SeidraClient
+from serve_app.cluster import (
+    STARTING,
+    UP,
+    WORKERS_TIMEOUT_S,
+    ClusterError,
+    UpState,
+    base_url,
+    check_settings,
+    deploy,
+    forwarded_env,
+    launch_head,
+    process_started_ticks,
+    stop_head,
+    undeploy,
+    use_token_auth,
+    wait_for_head,
+)
 from storage.job_status import JobStatus
 
 
@@ -28,8 +49,6 @@ class CliError(Exception):
 
 
 def api_url(explicit: str | None) -> str:
-    from serve_app.cluster import UpState
-
     if explicit:
         return explicit.rstrip("/")
     if os.environ.get("SEIDRA_API_URL"):
@@ -47,60 +66,119 @@ def api_client(explicit_url: str | None) -> SeidraClient:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from deployments.settings import WorkerSettings
-    from serve_app.cluster import (
-        UpState,
-        deploy,
-        process_started_ticks,
-        start_head,
-        stop_head,
-    )
     from storage.database import upgrade
-    from storage.settings import StorageSettings, seidra_home
+    from storage.settings import StorageSettings
 
+    use_token_auth()  # first of all: Ray reads RAY_AUTH_MODE once, when something imports it
+    check_settings(forwarded_env())  # before SEIDRA_MODEL: SEIDRA_MODLE=... deserves its own answer
     try:
         WorkerSettings().require_model()
     except ValueError as error:
         raise CliError(str(error)) from None
-    previous = UpState.load()
-    if previous is not None:
-        raise CliError(f"SEIDRA is already up at {previous.url} (state in {UpState.path()}); run `seidra down` first")
+    _forget_stale_state()
     upgrade(StorageSettings().database_url)
-    head_pid = None
-    address = args.address
-    if address is None:
-        print(f"Starting a local Ray head (GCS port {args.gcs_port}, dashboard 127.0.0.1:{args.dashboard_port})...")
-        head_pid = start_head(args.gcs_port, args.dashboard_port, args.num_cpus, seidra_home() / "run" / "ray-head.log")
-        address = f"127.0.0.1:{args.gcs_port}"
+    with _sigterm_as_interrupt():
+        try:
+            state = _start_head(args) if args.address is None else _joined(args)
+            print(f"Deploying the Serve application on {state.address}...")
+            deploy(state.address, args.http_host, args.http_port, args.timeout, args.workers_timeout)
+        except BaseException:  # Ctrl-C and SIGTERM included: the head lives in its own session
+            _abandon()
+            raise
+    replace(state, status=UP).save()
+    print(f"SEIDRA is up: {state.url}")
+    if state.dashboard_url:
+        print(f"Ray dashboard: {state.dashboard_url}   (ray job submit --address {state.dashboard_url} ...)")
+
+
+def _forget_stale_state() -> None:
+    """Refuse to start over a running SEIDRA; forget the state of one whose head is gone."""
+    previous = UpState.load()
+    if previous is None:
+        return
+    if previous.head_pid is not None and previous.running_head() is None:
+        print(f"Forgetting an earlier `seidra up`: the Ray head it started (pid {previous.head_pid}) is no longer running.")
+        UpState.forget()
+        return
+    if previous.status == STARTING:
+        where = f"its Ray head, pid {previous.head_pid}, is running" if previous.head_pid else f"on {previous.address}"
+        raise CliError(
+            f"SEIDRA is still starting, or its `seidra up` was interrupted ({where}; state in {UpState.path()}): "
+            "wait for it to finish, or run `seidra down`"
+        )
+    raise CliError(f"SEIDRA is already up at {previous.url} (state in {UpState.path()}); run `seidra down` first")
+
+
+def _joined(args: argparse.Namespace) -> UpState:
+    """Record the cluster before deploying: `seidra down` deletes what a killed `seidra up` left there."""
+    state = UpState(base_url(args.http_host, args.http_port), args.address, dashboard_url=None, head_pid=None, status=STARTING)
+    state.save()
+    return state
+
+
+def _start_head(args: argparse.Namespace) -> UpState:
+    """Start a local head and record it at once, so that `seidra down` can stop it whatever happens next."""
+    from storage.settings import seidra_home
+
+    print(f"Starting a local Ray head (GCS port {args.gcs_port}, dashboard 127.0.0.1:{args.dashboard_port})...")
+    log_file = seidra_home() / "run" / "ray-head.log"
+    head = launch_head(args.gcs_port, args.dashboard_port, args.num_cpus, log_file)
+    state = UpState(
+        url=base_url(args.http_host, args.http_port),
+        address=f"127.0.0.1:{args.gcs_port}",
+        dashboard_url=f"http://127.0.0.1:{args.dashboard_port}",
+        head_pid=head.pid,
+        head_started_ticks=process_started_ticks(head.pid),
+        status=STARTING,
+    )
+    state.save()
+    wait_for_head(head, args.dashboard_port, log_file)
+    return state
+
+
+def _abandon() -> None:
+    """After a failed or interrupted `seidra up`: stop the head it recorded, forget the state."""
+    recorded = UpState.load()
+    head_pid = recorded.running_head() if recorded else None
+    if head_pid is not None:
+        print(f"Stopping the Ray head that `seidra up` started (pid {head_pid})...")
+        stop_head(head_pid)
+    UpState.forget()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so that `seidra up` stops the head it started before exiting."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        # A second SIGTERM during that cleanup ends us at once; the state file still tells `seidra down`.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        print(f"Deploying the Serve application on {address}...")
-        url = deploy(address, args.http_host, args.http_port, args.timeout)
-    except BaseException:
-        if head_pid is not None:
-            stop_head(head_pid)
-        raise
-    dashboard = f"http://127.0.0.1:{args.dashboard_port}" if head_pid else None
-    started = process_started_ticks(head_pid) if head_pid else None
-    UpState(url=url, address=address, dashboard_url=dashboard, head_pid=head_pid, head_started_ticks=started).save()
-    print(f"SEIDRA is up: {url}")
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}   (ray job submit --address {dashboard} ...)")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_down(_args: argparse.Namespace) -> None:
-    from serve_app.cluster import UpState, process_started_ticks, stop_head, undeploy
-
     state = UpState.load()
     if state is None:
         raise CliError(f"nothing to stop: no `seidra up` state in {UpState.path()}")
-    try:
-        undeploy(state.address)
-    except Exception as error:  # the cluster may already be gone; the head is still ours to stop
-        print(f"warning: could not delete the application cleanly: {error}", file=sys.stderr)
+    if state.head_pid is not None and state.running_head() is None:
+        UpState.forget()
+        print(f"The Ray head that `seidra up` started (pid {state.head_pid}) is no longer running; forgot its state.")
+        print("SEIDRA is down")
+        return
+    # A head that is still starting goes with everything on it; no need to reach it first.
+    if state.head_pid is None or state.status == UP:
+        try:
+            undeploy(state.address)
+        except Exception as error:  # the cluster may already be gone; the head is still ours to stop
+            print(f"warning: could not delete the application cleanly: {error}", file=sys.stderr)
     if state.head_pid is not None:
-        if process_started_ticks(state.head_pid) == state.head_started_ticks:
-            stop_head(state.head_pid)
-        else:
-            print(f"The Ray head that `seidra up` started (pid {state.head_pid}) is no longer running.")
+        stop_head(state.head_pid)
     UpState.forget()
     print("SEIDRA is down" + (" (Ray head stopped)" if state.head_pid else " (the Ray cluster keeps running)"))
 
@@ -191,7 +269,9 @@ def format_jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
     rows = [("id", "lane", "priority", "status", "seconds", "image")]
     rows += [(str(j["id"]), j["lane"], str(j["priority"]), j["status"], seconds(j), j.get("image_url") or "-") for j in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    )
 
 
 def cmd_retry(args: argparse.Namespace) -> None:
@@ -252,7 +332,6 @@ def cmd_batch(args: argparse.Namespace) -> None:
     from ray.job_submission import JobSubmissionClient
 
     from serve_app.batch import BatchError, read_items
-    from serve_app.cluster import use_token_auth
 
     try:
         count = len(read_items(args.file))  # refuse a bad file here, before the cluster sees it
@@ -278,8 +357,6 @@ def cmd_batch(args: argparse.Namespace) -> None:
 
 
 def jobs_api_address(explicit: str | None) -> str:
-    from serve_app.cluster import UpState
-
     state = UpState.load()
     return (
         explicit
@@ -306,11 +383,15 @@ def cmd_cleanup(args: argparse.Namespace) -> None:
         open_object_store(storage), JobStore(storage.database_url), now - timedelta(days=args.days), archive_dir, args.dry_run
     )
     for obj in report.expired:
-        print(f"{'would remove' if args.dry_run else 'removed'}  {obj.key}  ({obj.last_modified:%Y-%m-%d}, {obj.size_bytes} bytes)")
+        print(
+            f"{'would remove' if args.dry_run else 'removed'}  {obj.key}  ({obj.last_modified:%Y-%m-%d}, {obj.size_bytes} bytes)"
+        )
     if args.dry_run:
         print(f"{len(report.expired)} object(s) older than {args.days} day(s); nothing removed (--dry-run)")
     else:
-        print(f"{len(report.removed)} object(s) archived to {archive_dir} and removed; {report.jobs_marked} job(s) marked archived")
+        print(
+            f"{len(report.removed)} object(s) archived to {archive_dir} and removed; {report.jobs_marked} job(s) marked archived"
+        )
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> None:
@@ -370,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dashboard-port", type=_port, default=8265, help="Dashboard port (default 8265).")
     up.add_argument("--num-cpus", type=int, help="CPUs the local head offers to Ray (default: all).")
     up.add_argument("--timeout", type=float, default=600, help="Seconds to wait for the app to answer (default 600).")
+    up.add_argument(
+        "--workers-timeout", type=float, default=WORKERS_TIMEOUT_S,
+        help=f"Seconds to wait, once the app answers, for a usable worker replica (default {WORKERS_TIMEOUT_S:.0f}).",
+    )  # fmt: skip
 
     command("down", cmd_down, "Stop what `seidra up` started, nothing else.")
 
@@ -425,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = command("batch", cmd_batch, "Submit a prompts file (JSON Lines or text) as a Ray job.")
     batch.add_argument("file", type=Path)
-    batch.add_argument("--address", help="Ray Jobs API (dashboard) URL (default: RAY_API_SERVER_ADDRESS, `seidra up`'s, then http://127.0.0.1:8265).")
+    batch.add_argument(
+        "--address",
+        help="Ray Jobs API (dashboard) URL (default: RAY_API_SERVER_ADDRESS, `seidra up`'s, then http://127.0.0.1:8265).",
+    )
     batch.add_argument("--batch-id", type=_batch_id, help="Resume or re-run this batch (default: a new id).")
     batch.add_argument("--priority", default="low", help="0-9 or high, normal, low (default low).")
     batch.add_argument("--wait", action="store_true", help="Wait for the Ray job and print its logs.")
@@ -445,8 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from serve_app.cluster import ClusterError
-
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

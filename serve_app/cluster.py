@@ -6,14 +6,18 @@ A head started by `seidra up` runs as `ray start --head --block` in its own proc
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +25,26 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.client import ApiError, SeidraClient
 from storage.settings import seidra_home
 
 SERVE_APP_NAME = "seidra"
 SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
 # Settings travel to every replica and to the router through the runtime_env.
 FORWARDED_ENV_PREFIXES = ("SEIDRA_", "HF_", "OTEL_")
+# Read by the CLI alone; the application builder would refuse them as unknown settings.
+CLI_ONLY_VARIABLES = ("SEIDRA_API_URL", "SEIDRA_DEBUG")
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
+WORKERS_TIMEOUT_S = 300.0
+POLL_S = 1.0
+# Serve's ApplicationStatus and DeploymentStatus values after which it stops trying on its own.
+SERVE_FAILED_STATUSES = ("DEPLOY_FAILED", "UNHEALTHY")
+# The last exception of a traceback: `ValueError: ...`, `ray.exceptions.RayTaskError(RuntimeError): ...`.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]+\))?: ", re.MULTILINE)
 
+STARTING = "starting"
+UP = "up"
 
 
 class ClusterError(RuntimeError):
@@ -44,6 +59,9 @@ class UpState:
     head_pid: int | None  # set only when `seidra up` started the head itself
     # With the pid, identifies the process: after a reboot the pid may belong to something else.
     head_started_ticks: str | None = None
+    # STARTING from the moment a head exists, so that an interrupted `seidra up` leaves nothing
+    # that `seidra down` cannot stop. Files written before this field existed were all UP.
+    status: str = UP
 
     @staticmethod
     def path() -> Path:
@@ -51,10 +69,19 @@ class UpState:
 
     def save(self) -> None:
         self.path().parent.mkdir(parents=True, exist_ok=True)
-        self.path().write_text(json.dumps(asdict(self), indent=2))
+        # Write, then rename: a `seidra up` killed mid-write must not leave half a file behind.
+        partial = self.path().with_suffix(".json.partial")
+        partial.write_text(json.dumps(asdict(self), indent=2))
+        partial.replace(self.path())
+
+    def running_head(self) -> int | None:
+        """The pid of the head `seidra up` started, while that very process runs (the pid may be reused)."""
+        if self.head_pid is not None and process_started_ticks(self.head_pid) == self.head_started_ticks:
+            return self.head_pid
+        return None
 
     @classmethod
-    def load(cls) -> "UpState | None":
+    def load(cls) -> UpState | None:
         try:
             return cls(**json.loads(cls.path().read_text()))
         except FileNotFoundError:
@@ -66,10 +93,49 @@ class UpState:
 
 
 def forwarded_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith(FORWARDED_ENV_PREFIXES) and key not in CLI_ONLY_VARIABLES
+    }
     # Resolved here: replicas run in other working directories and maybe as other users.
     env["SEIDRA_HOME"] = str(seidra_home())
     return env
+
+
+def settings_args(env: Mapping[str, str]) -> dict[str, str]:
+    """The SEIDRA_* variables of `env` as the application's args: `SEIDRA_MODEL` becomes `model`."""
+    return {key.removeprefix("SEIDRA_").lower(): value for key, value in env.items() if key.startswith("SEIDRA_")}
+
+
+def check_settings(env: Mapping[str, str]) -> None:
+    """Refuse, naming them, the SEIDRA_* variables that the application builder would refuse.
+
+    Serve would report them only as a failed deployment, once a Ray head had started; a typo
+    (SEIDRA_MODLE) or a setting of a newer release is better caught here, with the nearest name.
+    """
+    from serve_app.settings import SETTINGS_CLASSES, settings_from_args
+
+    def accepted(name: str) -> bool:
+        try:
+            settings_from_args({name: ""})
+        except ValueError:
+            return False
+        return True
+
+    unknown = sorted(name for name in settings_args(env) if not accepted(name))
+    if not unknown:
+        return
+    known = [field for cls in SETTINGS_CLASSES for field in cls.model_fields]
+    raise ClusterError(
+        f"unknown setting(s) in this shell: {', '.join(_with_nearest(name, known) for name in unknown)}; "
+        "the application would refuse them: correct or unset them (the README's Settings table lists them all)"
+    )
+
+
+def _with_nearest(name: str, known: list[str]) -> str:
+    nearest = difflib.get_close_matches(name, known, n=1)
+    return f"SEIDRA_{name.upper()}" + (f" (did you mean SEIDRA_{nearest[0].upper()}?)" if nearest else "")
 
 
 def use_token_auth() -> None:
@@ -118,8 +184,8 @@ def _check_port_free(port: int, what: str) -> None:
             ) from None
 
 
-def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_file: Path) -> int:
-    """Start `ray start --head --block` in a new process group; returns its pid once the GCS answers."""
+def launch_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_file: Path) -> subprocess.Popen[bytes]:
+    """Start `ray start --head --block` in a new process group; `wait_for_head` waits until it answers."""
     _check_port_free(gcs_port, "GCS")
     _check_port_free(dashboard_port, "dashboard")
     use_token_auth()
@@ -132,19 +198,13 @@ def start_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fil
         command.append(f"--num-cpus={num_cpus}")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, **forwarded_env(), "PATH": _path_with_this_python()},
         )  # fmt: skip
-    try:
-        _wait_for_head(process, dashboard_port, log_file)
-    except BaseException:  # Ctrl-C included: the head lives in its own session and would outlive us
-        stop_head(process.pid)
-        raise
-    return process.pid
 
 
-def _wait_for_head(process: subprocess.Popen[bytes], dashboard_port: int, log_file: Path) -> None:
+def wait_for_head(process: subprocess.Popen[bytes], dashboard_port: int, log_file: Path) -> None:
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -183,10 +243,8 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     # Reap our own child when it has exited, or it lingers as a zombie that still "exists".
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     return True
 
 
@@ -201,7 +259,7 @@ def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Pa
     config["http_options"] = {**config.get("http_options", {}), "host": http_host, "port": http_port}
     [app] = [app for app in config["applications"] if app["name"] == SERVE_APP_NAME]
     env = forwarded_env()
-    settings = {key.removeprefix("SEIDRA_").lower(): value for key, value in env.items() if key.startswith("SEIDRA_")}
+    settings = settings_args(env)
     if not cluster_gpus:  # a laptop or CI machine: one CPU worker, unless told otherwise
         settings.setdefault("num_gpus", "0")
         settings.setdefault("max_workers", "0")
@@ -212,8 +270,12 @@ def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Pa
     return config
 
 
-def deploy(address: str, http_host: str, http_port: int, timeout_s: float) -> str:
-    """Deploy the Serve config on the cluster at `address`; returns the base URL once it answers."""
+def base_url(http_host: str, http_port: int) -> str:
+    return f"http://{'127.0.0.1' if http_host in ('0.0.0.0', '::') else http_host}:{http_port}"
+
+
+def deploy(address: str, http_host: str, http_port: int, timeout_s: float, workers_timeout_s: float) -> str:
+    """Deploy the Serve config on the cluster at `address`; returns the base URL once a worker is usable."""
     use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
 
@@ -223,51 +285,159 @@ def deploy(address: str, http_host: str, http_port: int, timeout_s: float) -> st
     ray.shutdown()
     if not cluster_gpus:
         print("No GPU in this Ray cluster: worker replicas run on the CPU.")
-    return deploy_serve_config(dashboard_url, http_host, http_port, cluster_gpus, timeout_s)
+    return deploy_serve_config(dashboard_url, http_host, http_port, cluster_gpus, timeout_s, workers_timeout_s)
 
 
-def deploy_serve_config(dashboard_url: str, http_host: str, http_port: int, cluster_gpus: float, timeout_s: float) -> str:
-    """`serve deploy` the Serve config (with this shell's settings) through the dashboard at `dashboard_url`."""
+def deploy_serve_config(
+    dashboard_url: str,
+    http_host: str,
+    http_port: int,
+    cluster_gpus: float,
+    timeout_s: float,
+    workers_timeout_s: float = WORKERS_TIMEOUT_S,
+) -> str:
+    """`serve deploy` the Serve config (with this shell's settings) through the dashboard at `dashboard_url`.
+
+    Returns the base URL once the application answers and a worker replica is usable; fails as soon
+    as Serve gives up on the application, with Serve's reason (or the workers' own).
+    """
     derived = seidra_home() / "run" / "serve_config.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(serve_config(http_host, http_port, cluster_gpus), sort_keys=False))
     completed = subprocess.run(
-        [_executable("serve"), "deploy", str(derived), "--address", dashboard_url], capture_output=True, text=True
+        [_executable("serve"), "deploy", str(derived), "--address", dashboard_url], check=False, capture_output=True, text=True
     )
     if completed.returncode != 0:
         raise ClusterError(f"`serve deploy {derived}` failed: {completed.stderr.strip().splitlines()[-1:]}")
-    url = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', '::') else http_host}:{http_port}"
-    wait_until_healthy(url, timeout_s=timeout_s)
-    wait_for_workers(url, timeout_s=timeout_s)
+    url = base_url(http_host, http_port)
+    serve_app = ServeApp(dashboard_url)
+    with SeidraClient(url, timeout_s=5, get_retries=0) as api:  # these loops are the retries
+        print(f"Waiting for the application to answer on {url} (up to {timeout_s:.0f} s)...")
+        wait_until_healthy(api, serve_app.state, timeout_s)
+        print(f"Waiting for a usable worker replica (up to {workers_timeout_s:.0f} s)...")
+        wait_for_workers(api, serve_app.state, workers_timeout_s)
     return url
 
 
-def wait_for_workers(url: str, timeout_s: float) -> None:
-    """Until a worker replica reports to the router (its model loaded), or a clear error."""
+@dataclass(frozen=True)
+class ServeAppState:
+    status: str  # Serve's ApplicationStatus: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ...
+    message: str  # Serve's reasons on one line: of its failed deployments, else of those not yet healthy
+
+    @property
+    def failed(self) -> bool:
+        return self.status in SERVE_FAILED_STATUSES
+
+    @classmethod
+    def from_details(cls, app: dict[str, Any]) -> ServeAppState:
+        """From one application of the dashboard's `GET /api/serve/applications/` (Serve's REST API)."""
+        deployments = app.get("deployments") or {}
+
+        def reasons(statuses: Callable[[str], bool]) -> list[str]:
+            return [
+                f"{name}: {_one_line(details['message'])}"
+                for name, details in deployments.items()
+                if statuses(details["status"]) and details.get("message")
+            ]
+
+        failed = reasons(lambda status: status in SERVE_FAILED_STATUSES)
+        message = "; ".join(failed or reasons(lambda status: status != "HEALTHY")) or _one_line(app.get("message", ""))
+        return cls(app["status"], message)
+
+
+def _one_line(message: str) -> str:
+    """A traceback's last exception with the lines that detail it, else the whole message, on one line."""
+    starts = [match.start() for match in _EXCEPTION_LINE.finditer(message)]
+    return " ".join(message[starts[-1] if starts else 0 :].split())
+
+
+class ServeApp:
+    """Serve's own account of the application, from the dashboard's REST API (what `serve status` shows)."""
+
+    def __init__(self, dashboard_url: str) -> None:
+        self._url = f"{dashboard_url.rstrip('/')}/api/serve/applications/"
+        self._headers = _dashboard_auth_headers()
+
+    def state(self) -> ServeAppState | None:
+        """None when the dashboard does not say (busy, restarting): no reason to give up."""
+        try:
+            response = httpx.get(self._url, headers=self._headers, timeout=5)
+            response.raise_for_status()
+            app = response.json()["applications"].get(SERVE_APP_NAME)
+        except (httpx.HTTPError, ValueError, KeyError, AttributeError):
+            return None
+        return ServeAppState.from_details(app) if app else None
+
+
+def _dashboard_auth_headers() -> dict[str, str]:
+    """Ray's token for a dashboard with token authentication; `ray get-auth-token` knows where it lives."""
+    found = subprocess.run([_executable("ray"), "get-auth-token"], check=False, capture_output=True, text=True)
+    token = found.stdout.strip()
+    return {"Authorization": f"Bearer {token}"} if found.returncode == 0 and token else {}
+
+
+def wait_until_healthy(
+    api: SeidraClient, serve_state: Callable[[], ServeAppState | None], timeout_s: float, poll_s: float = POLL_S
+) -> None:
+    """Until `/health` answers; fails as soon as Serve gives up on the application."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        state = serve_state()
+        if state is not None and state.failed:
+            raise ClusterError(f"Serve could not deploy the application ({state.status}): {state.message}")
         try:
-            if httpx.get(f"{url}/status", timeout=5).json()["workers"]:
-                return
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(1)
+            api.get("/health")
+            return
+        except ApiError:
+            time.sleep(poll_s)
     raise ClusterError(
-        f"no worker replica reported within {timeout_s:.0f} s: see `serve status` "
-        "(not enough GPUs or CPUs for SEIDRA_NUM_GPUS / SEIDRA_WORKER_NUM_CPUS? a model that fails to load?)"
+        f"the application did not answer on {api.base_url}/health within {timeout_s:.0f} s{_serve_says(serve_state())}"
     )
 
 
-def wait_until_healthy(url: str, timeout_s: float) -> None:
+def wait_for_workers(
+    api: SeidraClient, serve_state: Callable[[], ServeAppState | None], timeout_s: float, poll_s: float = POLL_S
+) -> None:
+    """Until a worker replica is usable (its model loaded, its GPU fit for work).
+
+    Fails with the workers' own reasons when some report but none is usable within `timeout_s`, or
+    as soon as Serve gives up on the application.
+    """
     deadline = time.monotonic() + timeout_s
+    workers: list[dict[str, Any]] = []  # the last ones reported: the router forgets replicas that stop reporting
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            status = api.get("/status")
+        except ApiError:  # a 503 while the router (re)starts, say: not ready yet
+            status = None
+        if status is not None:
+            if status.get("usable_slots", 0) >= 1 or any(worker.get("usable") for worker in status["workers"]):
                 return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise ClusterError(f"the application did not answer on {url}/health within {timeout_s:.0f} s")
+            workers = status["workers"] or workers
+        state = serve_state()
+        if state is not None and state.failed:
+            if workers:
+                raise ClusterError(f"no worker replica is usable: {_worker_reasons(workers)} (Serve: {state.status})")
+            raise ClusterError(f"Serve could not deploy the application ({state.status}): {state.message}")
+        time.sleep(poll_s)
+    if workers:
+        raise ClusterError(f"no worker replica became usable within {timeout_s:.0f} s: {_worker_reasons(workers)}")
+    raise ClusterError(
+        f"no worker replica reported within {timeout_s:.0f} s (not enough GPUs or CPUs for SEIDRA_NUM_GPUS / "
+        f"SEIDRA_WORKER_NUM_CPUS?){_serve_says(serve_state())}; see `serve status`"
+    )
+
+
+def _worker_reasons(workers: list[dict[str, Any]]) -> str:
+    return "; ".join(
+        f"replica {worker['replica_id']} {worker['mode']}/{worker['health']}: "
+        f"{worker.get('reason') or worker.get('unavailable_reason') or 'no reason given'}"
+        for worker in workers
+    )
+
+
+def _serve_says(state: ServeAppState | None) -> str:
+    return f"; Serve says: {state.message}" if state is not None and state.message else ""
 
 
 def undeploy(address: str) -> None:
@@ -281,9 +451,7 @@ def undeploy(address: str) -> None:
     ray.init(address=address, log_to_driver=False)
     try:
         serve.delete(SERVE_APP_NAME)
-        try:
+        with contextlib.suppress(ValueError):  # no router: nothing was ever submitted, or it is already gone
             ray.kill(get_router(SERVE_APP_NAME), no_restart=True)
-        except ValueError:
-            pass  # no router: nothing was ever submitted, or it is already gone
     finally:
         ray.shutdown()

@@ -1,17 +1,31 @@
-"""CLI mistakes end in one line and a non-zero exit code, without a traceback; the API client."""
+"""CLI mistakes end in one line and a non-zero exit code, without a traceback; the API client; the
+waits of `seidra up` against canned answers."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from serve_app.cli import format_jobs_table, main
 from serve_app.client import GET_RETRIES, ApiError, SeidraClient
+from serve_app.cluster import (
+    STARTING,
+    ClusterError,
+    ServeAppState,
+    UpState,
+    forwarded_env,
+    process_started_ticks,
+    wait_for_workers,
+    wait_until_healthy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +33,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SEIDRA_HOME", str(tmp_path))
     monkeypatch.delenv("SEIDRA_API_URL", raising=False)
     monkeypatch.delenv("SEIDRA_DEBUG", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # `seidra up` would otherwise make a token and choose it for Ray
     return tmp_path
 
 
@@ -69,6 +84,73 @@ def test_jobs_table_shows_lane_priority_status_seconds_and_image() -> None:
     assert lines[0].split() == ["id", "lane", "priority", "status", "seconds", "image"]
     assert lines[1].split() == ["j1", "realtime", "2", "completed", "1.50", "/jobs/j1/image"]
     assert lines[2].split() == ["j2", "batch", "8", "pending", "-", "-"]
+
+
+# ----- `seidra up` and `seidra down` without Ray -----
+
+
+def test_an_unknown_setting_is_named_with_the_nearest_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEIDRA_MODEL", "/models/tiny")
+    monkeypatch.setenv("SEIDRA_MAX_REALTIME_QUEUEE", "5")
+    monkeypatch.setenv("SEIDRA_FROM_A_NEWER_RELEASE", "1")
+    assert main(["up"]) == 1
+    line = one_error_line(capsys)
+    assert "SEIDRA_MAX_REALTIME_QUEUEE (did you mean SEIDRA_MAX_REALTIME_QUEUE?)" in line
+    assert "SEIDRA_FROM_A_NEWER_RELEASE," in line  # nothing near it: no suggestion
+
+
+def test_the_clis_own_variables_stay_in_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEIDRA_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SEIDRA_DEBUG", "1")
+    assert not {"SEIDRA_API_URL", "SEIDRA_DEBUG"} & set(forwarded_env())
+
+
+def test_up_refuses_while_an_earlier_up_is_still_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEIDRA_MODEL", "/models/tiny")
+    # A live process stands in for the head; this test never runs `seidra down`, which would stop it.
+    me = os.getpid()
+    UpState("http://127.0.0.1:8000", "127.0.0.1:6379", None, me, process_started_ticks(me), STARTING).save()
+    assert main(["up"]) == 1
+    line = one_error_line(capsys)
+    assert f"SEIDRA is still starting, or its `seidra up` was interrupted (its Ray head, pid {me}, is running" in line
+    assert UpState.load() is not None
+
+
+def stale_state() -> UpState:
+    # Our own pid with other start ticks: what a head's pid looks like once reused by another process.
+    return UpState("http://127.0.0.1:8000", "127.0.0.1:6379", None, os.getpid(), "0", STARTING)
+
+
+def test_down_forgets_the_state_of_a_head_that_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    stale_state().save()
+    assert main(["down"]) == 0
+    assert f"(pid {os.getpid()}) is no longer running; forgot its state" in capsys.readouterr().out
+    assert UpState.load() is None
+
+
+def test_up_replaces_the_state_of_a_head_that_is_gone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEIDRA_MODEL", "/models/tiny")
+    stale_state().save()
+    with socket.socket() as busy:  # so that this `seidra up` stops before starting Ray
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["up", "--gcs-port", str(busy.getsockname()[1])]) == 1
+    captured = capsys.readouterr()
+    assert f"Forgetting an earlier `seidra up`: the Ray head it started (pid {os.getpid()}) is no longer running" in captured.out
+    assert "GCS port" in captured.err and "is in use" in captured.err
+    assert UpState.load() is None
+
+
+def test_a_state_file_from_before_the_status_field_reads_as_up() -> None:
+    UpState.path().parent.mkdir(parents=True)
+    UpState.path().write_text('{"url": "u", "address": "a", "dashboard_url": null, "head_pid": null}')
+    assert UpState.load() == UpState("u", "a", None, None, None, "up")
 
 
 # ----- the API client -----
@@ -171,3 +253,101 @@ def test_wait_for_job_until_it_ends_or_the_timeout() -> None:
     pending = client(lambda _request: httpx.Response(200, json={"id": "j1", "status": "pending"}))
     with pytest.raises(TimeoutError, match="job j1 is still pending after 0 s"):
         pending.wait_for_job("j1", timeout_s=0)
+
+
+# ----- `seidra up` waiting for the application -----
+
+
+def worker(replica_id: str, usable: bool, reason: str = "") -> dict[str, Any]:
+    mode, health = ("cpu", "healthy") if usable else ("offline", "unhealthy")
+    return {"replica_id": replica_id, "mode": mode, "health": health, "reason": reason, "usable": usable}
+
+
+def status_answers(*answers: httpx.Response) -> SeidraClient:
+    """The API answering /status with `answers` in turn, then with the last one."""
+    queue = list(answers)
+    return client(lambda _request: queue.pop(0) if len(queue) > 1 else queue[0])
+
+
+def status(*workers: dict[str, Any]) -> httpx.Response:
+    return httpx.Response(200, json={"usable_slots": sum(w["usable"] for w in workers), "workers": list(workers)})
+
+
+def serve_says(state: ServeAppState | None) -> Callable[[], ServeAppState | None]:
+    return lambda: state
+
+
+DEPLOYING = ServeAppState("DEPLOYING", "")
+NOT_LOADED = "model not loaded: OSError: Error no file named model_index.json found in directory /m."
+
+
+def test_a_usable_worker_ends_the_wait() -> None:
+    restarting = httpx.Response(503, json={"detail": "the router is restarting"})  # not ready yet, not a failure
+    api = status_answers(restarting, status(worker("r1", False, NOT_LOADED)), status(worker("r1", False), worker("r2", True)))
+    wait_for_workers(api, serve_says(DEPLOYING), timeout_s=10, poll_s=0)
+
+
+def test_workers_that_never_become_usable_are_named_with_their_reasons() -> None:
+    api = status_answers(status(worker("r1", False, NOT_LOADED), worker("r2", False, "")))
+    with pytest.raises(ClusterError) as raised:
+        wait_for_workers(api, serve_says(DEPLOYING), timeout_s=0.2, poll_s=0.01)
+    assert str(raised.value) == (
+        f"no worker replica became usable within 0 s: replica r1 offline/unhealthy: {NOT_LOADED}; "
+        "replica r2 offline/unhealthy: no reason given"
+    )
+
+
+def test_no_worker_at_all_is_explained_with_what_serve_says() -> None:
+    unscheduled = "DiffusionWorker: Deployment 'DiffusionWorker' has 1 replicas that have taken more than 30s to be scheduled."
+    with pytest.raises(ClusterError) as raised:
+        wait_for_workers(
+            status_answers(status()), serve_says(ServeAppState("DEPLOYING", unscheduled)), timeout_s=0.1, poll_s=0.01
+        )
+    assert str(raised.value).startswith("no worker replica reported within 0 s (not enough GPUs or CPUs")
+    assert str(raised.value).endswith(f"; Serve says: {unscheduled}; see `serve status`")
+
+
+def test_serve_giving_up_ends_the_wait_at_once() -> None:
+    failed = serve_says(ServeAppState("DEPLOY_FAILED", "DiffusionWorker: RuntimeError: replica r1 is unhealthy"))
+    serve_reason = (
+        "Serve could not deploy the application (DEPLOY_FAILED): DiffusionWorker: RuntimeError: replica r1 is unhealthy"
+    )
+    with pytest.raises(ClusterError) as raised:
+        wait_for_workers(status_answers(status(worker("r1", False, NOT_LOADED))), failed, timeout_s=60, poll_s=0)
+    assert str(raised.value) == f"no worker replica is usable: replica r1 offline/unhealthy: {NOT_LOADED} (Serve: DEPLOY_FAILED)"
+    with pytest.raises(ClusterError) as raised:
+        wait_for_workers(status_answers(httpx.Response(503)), failed, timeout_s=60, poll_s=0)
+    assert str(raised.value) == serve_reason
+    with pytest.raises(ClusterError) as raised:
+        wait_until_healthy(status_answers(httpx.Response(503)), failed, timeout_s=60, poll_s=0)
+    assert str(raised.value) == serve_reason
+
+
+def test_serves_reason_is_the_last_exception_of_its_traceback_on_one_line() -> None:
+    message = (
+        "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or "
+        "initial health check failing. See controller logs for details. Error:\n"
+        "Traceback (most recent call last):\n"
+        '  File "/app/serve_app/app.py", line 113, in __init__\n'
+        "    self._router = get_or_create_router(...)\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for RouterSettings\n"
+        "max_realtime_queue\n"
+        "  Input should be greater than or equal to 1 [type=greater_than_equal, input_value='0', input_type=str]\n"
+    )
+    app = {
+        "status": "DEPLOY_FAILED",
+        "message": "Failed to update the deployments ['SeidraAPI'].",
+        "deployments": {
+            "SeidraAPI": {"status": "DEPLOY_FAILED", "message": message},
+            "DiffusionWorker": {"status": "UPDATING", "message": "A replica is starting"},
+        },
+    }
+    state = ServeAppState.from_details(app)
+    assert state.failed
+    assert state.message == (
+        "SeidraAPI: pydantic_core._pydantic_core.ValidationError: 1 validation error for RouterSettings "
+        "max_realtime_queue Input should be greater than or equal to 1 "
+        "[type=greater_than_equal, input_value='0', input_type=str]"
+    )
+    building = {"status": "DEPLOY_FAILED", "message": "Traceback ...\nImportError: cannot import name 'x'", "deployments": {}}
+    assert ServeAppState.from_details(building).message == "ImportError: cannot import name 'x'"
