@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 POLL_INTERVAL_S = 1.0
+IDLE_PROBES = 20  # sequential submissions before the load: the same run's idle latency
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
@@ -115,8 +116,12 @@ async def run(url: str, plan: LoadPlan, router_pid: int | None) -> dict[str, Any
     deadline = time.monotonic() + plan.timeout_s
     memory = RssSampler(router_pid)
     sampler = asyncio.create_task(memory.run())
-    started = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        idle = Tally()
+        probes = [await submit(http, idle, "/generation/single", plan.item(f"idle probe {n}")) for n in range(IDLE_PROBES)]
+        for probe in probes:
+            await wait_until_done(http, idle, str(probe["id"]), deadline)
+        started = time.monotonic()
         batch = asyncio.create_task(batch_load(http, tally, plan))
         clients = [realtime_client(http, tally, plan, client, deadline) for client in range(plan.realtime_clients)]
         realtime_ended = Counter(status for ended in await asyncio.gather(*clients) for status in ended)
@@ -128,6 +133,7 @@ async def run(url: str, plan: LoadPlan, router_pid: int | None) -> dict[str, Any
         "responses_by_status": dict(sorted(tally.statuses.items())),
         "responses_5xx": sum(count for status, count in tally.statuses.items() if status >= 500),
         "submission_latency_ms": {path: percentiles(latencies) for path, latencies in sorted(tally.submit_latency_s.items())},
+        "idle_submission_latency_ms": percentiles(idle.submit_latency_s["/generation/single"]),
         "realtime_jobs": dict(realtime_ended),
         "batch_jobs": dict(batch_ended),
         "router_peak_rss_mib": memory.peak_mib(),

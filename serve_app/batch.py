@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from scheduling import tracing
-    from scheduling.router import get_router
+    from scheduling.router_lookup import get_router
     from storage.jobs import JobStore
     from storage.object_store import open_object_store
     from storage.settings import StorageSettings

@@ -164,12 +164,14 @@ def _executable(name: str) -> str:
 
 
 def process_started_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None when it
+    is not running: gone, or dead but not yet reaped (a zombie keeps its /proc entry)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
 
 
 def _check_port_free(port: int, what: str) -> None:
@@ -446,7 +448,7 @@ def undeploy(address: str) -> None:
     import ray
     from ray import serve
 
-    from scheduling.router import get_router
+    from scheduling.router_lookup import get_router
 
     ray.init(address=address, log_to_driver=False)
     try:

@@ -6,91 +6,16 @@ behind, whatever happened (see `Seidra.leftovers`).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from serve_app.cluster import process_started_ticks
-from tests.ray_app import free_port
-
-SEIDRA = Path(sys.executable).with_name("seidra")
-# What this session's own cluster put in the environment must not leak into these `seidra up`s.
-NOT_INHERITED = ("SEIDRA_", "HF_", "OTEL_", "RAY_ADDRESS")
-
-
-@dataclass
-class Seidra:
-    """The `seidra` command in a shell of its own: SEIDRA_HOME, model, ports."""
-
-    home: Path
-    env: dict[str, str]
-    gcs_port: int
-    up_args: list[str]
-
-    def run(self, *argv: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(SEIDRA), *argv], env={**self.env, **env}, capture_output=True, text=True, timeout=timeout_s)
-
-    def up(self, *argv: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-        return self.run("up", *self.up_args, *argv, timeout_s=timeout_s, **env)
-
-    def state(self) -> dict[str, Any] | None:
-        path = self.home / "run" / "up.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def leftovers(self) -> list[int]:
-        """Pids of this test's Ray head: `ray start`, the GCS, the raylet and the agents name its GCS port on their
-        command lines (workers, renamed `ray::...`, exit with their raylet)."""
-        mentions_port = re.compile(rf"[=:]{self.gcs_port}(\D|$)")
-        pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue  # gone meanwhile
-            if mentions_port.search(text) and int(cmdline.parent.name) != os.getpid():
-                pids.append(int(cmdline.parent.name))
-        return pids
-
-
-def error_line(done: subprocess.CompletedProcess[str]) -> str:
-    """`seidra`'s own error: the last line on stderr (Ray's client logs its connection above it)."""
-    lines = done.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("seidra: error: "), done.stdout[-3000:] + done.stderr[-3000:]
-    return lines[-1]
-
-
-@pytest.fixture
-def seidra(tmp_path: Path, tiny_model: Path) -> Iterator[Seidra]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(NOT_INHERITED)}
-    env.update(
-        SEIDRA_HOME=str(tmp_path / "home"),
-        SEIDRA_MODEL=str(tiny_model),
-        SEIDRA_TORCH_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",  # the SIGKILL test follows `seidra up`'s progress line by line
-    )
-    gcs_port = free_port()
-    up_args = ["--gcs-port", str(gcs_port), "--dashboard-port", str(free_port()), "--http-port", str(free_port())]
-    cli = Seidra(tmp_path / "home", env, gcs_port, [*up_args, "--num-cpus", "2"])
-    try:
-        yield cli
-    finally:
-        if cli.state() is not None:
-            cli.run("down", timeout_s=120)
-        for pid in cli.leftovers():  # only after a failed test: its workers exit with their raylet
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+from tests.seidra_command import SEIDRA, Seidra, error_line
 
 
 def test_an_unknown_setting_is_refused_before_ray_starts(seidra: Seidra) -> None:

@@ -351,3 +351,21 @@ def test_serves_reason_is_the_last_exception_of_its_traceback_on_one_line() -> N
     )
     building = {"status": "DEPLOY_FAILED", "message": "Traceback ...\nImportError: cannot import name 'x'", "deployments": {}}
     assert ServeAppState.from_details(building).message == "ImportError: cannot import name 'x'"
+
+
+def test_a_dead_process_not_yet_reaped_is_not_running() -> None:
+    """A killed Ray head that nothing has reaped yet keeps its /proc entry: `seidra down` must not
+    take it for a live head (it would try to reach its dead GCS)."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "60"])
+    assert process_started_ticks(child.pid) is not None
+    child.kill()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # dead, unreaped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process_started_ticks(child.pid) is None
+    child.wait()
+    assert process_started_ticks(child.pid) is None
