@@ -192,7 +192,12 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"SEIDRA at {api.base_url}")
     print("queues:  " + ", ".join(f"{lane} {depth}" for lane, depth in status["queues"].items()))
     print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
-    print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
+    if status["jobs"] is None:  # the router answers from memory; the counts need the database
+        print(f"jobs:    unknown: the database is {status['database']}")
+    else:
+        print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
+    if status.get("recovering"):
+        print("RECOVERING: the router is rebuilding its queue from the database; submissions get 503 until it is done")
     print("held:    " + ", ".join(f"{lane} {count}" for lane, count in status["held"].items()))
     if status["paused_lanes"]:
         print(f"PAUSED:  {', '.join(status['paused_lanes'])} (seidra lane resume LANE)")

@@ -369,3 +369,20 @@ def test_a_dead_process_not_yet_reaped_is_not_running() -> None:
     assert process_started_ticks(child.pid) is None
     child.wait()
     assert process_started_ticks(child.pid) is None
+
+
+def test_status_while_the_database_is_down_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_app import cli
+    from serve_app.client import SeidraClient
+
+    body = {
+        "queues": {"realtime": 1, "batch": 0}, "paused_lanes": [], "held": {"realtime": 0, "batch": 0}, "deferred": 0,
+        "running": 0, "usable_slots": 1, "outage": None, "workers": [], "recovering": True,
+        "jobs": None, "database": "unreachable (OperationalError)",
+    }  # fmt: skip
+    transport = httpx.MockTransport(lambda _request: httpx.Response(200, json=body))
+    monkeypatch.setattr(cli, "api_client", lambda _url: SeidraClient("http://seidra.test", transport=transport))
+    assert cli.main(["status", "--url", "http://seidra.test"]) == 0
+    out = capsys.readouterr().out
+    assert "jobs:    unknown: the database is unreachable (OperationalError)" in out
+    assert "RECOVERING: the router is rebuilding its queue" in out
