@@ -9,6 +9,7 @@ router's directives (maintenance, injected faults). The router drops a replica a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -56,7 +57,9 @@ class DiffusionWorker:
         self._store: ObjectStore | None = None  # opened on first upload: S3 may be down as the replica starts
         context = serve.get_replica_context()
         self._replica_id, self._app_name = context.replica_id.unique_id, context.app_name
-        self._running_jobs: set[str] = set()  # reported, so a restarted router does not overbook
+        # Reported, so that a restarted router neither overbooks this replica nor runs a job twice.
+        self._running_jobs: set[str] = set()  # pipeline calls, until their thread ends
+        self._uploading: set[str] = set()
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
     async def advance(self, item: WorkItem, trace_context: tracing.Carrier | None = None) -> WorkResult:
@@ -132,14 +135,26 @@ class DiffusionWorker:
         if png is None:
             return None
         key = image_key(job_id)
+        self._uploading.add(job_id)  # still running here: a restarted router must not send it elsewhere
+        try:
+            return await self._upload(job_id, key, png)
+        finally:
+            self._uploading.discard(job_id)
+
+    async def _upload(self, job_id: str, key: str, png: bytes) -> str:
         deadline = time.monotonic() + self._storage.upload_timeout_s
         with tracing.job_span("seidra.upload", job_id, attributes={"seidra.object_key": key, "seidra.bytes": len(png)}) as span:
             attempt = 0
             while True:
                 attempt += 1
+                put = asyncio.ensure_future(asyncio.to_thread(self._put, key, png))
                 try:
-                    await asyncio.to_thread(self._put, key, png)
+                    await asyncio.shield(put)
                     return key
+                except asyncio.CancelledError:
+                    tracing.mark_failed(span, "given up by the router during the upload")
+                    await self._withdraw(put, key)
+                    raise
                 except Exception as error:
                     delay_s = UPLOAD_BACKOFF.delay_s(attempt)
                     if time.monotonic() + delay_s > deadline:
@@ -147,6 +162,17 @@ class DiffusionWorker:
                         raise StorageUnavailable(job_id, f"{type(error).__name__}: {error}") from error
                     logger.warning("Storing %s failed (%s: %s); retry %d in %d s", key, type(error).__name__, error, attempt, delay_s)
                     await asyncio.sleep(delay_s)
+
+    async def _withdraw(self, put: asyncio.Future[None], key: str) -> None:
+        """The router gave up on this call (a cancelled job) while its image was being stored: the
+        put runs on in its thread, so wait for it, then remove what it stored. The job's image is
+        stored again by the run that completes it, if any."""
+        with contextlib.suppress(Exception):
+            await put
+        try:
+            await asyncio.to_thread(self._object_store().delete, key)
+        except Exception:
+            logger.exception("Could not remove %s after its call was cancelled", key)
 
     def _already_stored(self, job_id: str) -> bool:
         try:
@@ -163,7 +189,8 @@ class DiffusionWorker:
         self._object_store().put(key, png, "image/png")
 
     def get_status_snapshot(self) -> ReplicaSnapshot:
-        return replace(self.model_manager.get_status_snapshot(), running_jobs=tuple(sorted(self._running_jobs)))
+        running = self._running_jobs | self._uploading
+        return replace(self.model_manager.get_status_snapshot(), running_jobs=tuple(sorted(running)))
 
     def check_health(self) -> None:
         """Serve replaces a replica whose health check raises."""

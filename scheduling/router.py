@@ -66,6 +66,7 @@ ROUTER_VERSION_TIMEOUT_S = 60.0
 # Short enough that the API answers soon after the database is back.
 RECOVERY_RETRY_MAX_S = 10.0
 GAUGE_INTERVAL_S = 1.0
+ANSWER_TIMEOUT_S = 10.0
 
 
 class RouterUnavailable(Exception):
@@ -90,12 +91,26 @@ def scheduler_config(settings: RouterSettings) -> SchedulerConfig:
         worker_ttl_s=settings.worker_ttl_s,
         hold_backoff=Backoff(settings.hold_base_s, settings.hold_cap_s, settings.hold_jitter),
         storage_backoff=Backoff(settings.hold_base_s, settings.hold_cap_s, settings.hold_jitter),
+        max_storage_faults=settings.max_storage_faults,
     )
 
 
 def _span_attributes(job: GenerationJob) -> dict[str, Any]:
     batch = {"seidra.batch_id": str(job.batch_id)} if job.batch_id else {}
     return {tracing.JOB_ID: str(job.id), "seidra.lane": job.lane, "seidra.priority": job.priority, **batch}
+
+
+def _specs(rows: Sequence[GenerationJob]) -> list[JobSpec]:
+    """The jobs the core can take; a row it cannot read (edited by hand, say) is logged and left
+    alone rather than keep the router from starting."""
+    specs = []
+    for row in rows:
+        try:
+            specs.append(job_spec(row).check())
+        except Exception:
+            logger.exception("Job %s cannot be read back from the database; left as it is", row.id)
+            metrics.reconciler_repairs().inc(tags={"repair": "unreadable"})
+    return specs
 
 
 def job_spec(job: GenerationJob) -> JobSpec:
@@ -135,7 +150,7 @@ class JobRouter:
                 logger.warning("Cannot read the queue from the database (%s); retrying in %.1f s", error, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECOVERY_RETRY_MAX_S)
-        self._execute(self._core.recover([job_spec(row) for row in rows], reason="router restarted"))
+        self._execute(self._core.recover(_specs(rows), reason="router restarted"))
         self._ready.set()
         self._wake.set()
         logger.info("Router rebuilt its queue from the database: %d unfinished jobs", len(rows))
@@ -196,12 +211,14 @@ class JobRouter:
             actions = self._core.cancel(job_id)
         except UnknownJob:  # not in the router's hands: the database decides (ended, gone, or diverged)
             unfinished = frozenset({JobStatus.PENDING, JobStatus.RUNNING})
-            job = await self._writer.transition(JobWrite(job_id, unfinished, JobStatus.CANCELLED, mark_finished=True))
+            job = await self._answer(
+                self._writer.transition(JobWrite(job_id, unfinished, JobStatus.CANCELLED, mark_finished=True))
+            )
             self._finished(job)
             return job
         [written, *_] = self._execute(actions)
         self._wake.set()
-        return await written
+        return await self._answer(written)
 
     async def retry(self, job_id: str, countdown_s: float = 0.0) -> GenerationJob:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
@@ -214,9 +231,18 @@ class JobRouter:
         with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), {"seidra.countdown_s": countdown_s}):
             [written] = self._execute(self._core.retry(job_spec(job), countdown_s))
             self._wake.set()
-            job = await written
+            job = await self._answer(written)
         logger.info("Job %s re-queued at priority %d (countdown %.0f s)", job_id, job.priority, countdown_s)
         return job
+
+    async def _answer(self, written: asyncio.Future[GenerationJob]) -> GenerationJob:
+        """A user's change, once stored; during a database outage the caller hears 503 (the change
+        is decided and lands when the database is back) instead of waiting for the outage to end."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(written), ANSWER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            reason = "the database is unreachable; the change is recorded as soon as it is back"
+            raise RouterUnavailable(reason, self._settings.unavailable_retry_after_s) from None
 
     async def wait(self, job_id: str, timeout_s: float) -> str:
         """Wait until the job ends or `timeout_s` passes; returns its status then."""
@@ -329,7 +355,7 @@ class JobRouter:
             for row in rows:
                 logger.warning("Reconciler: job %s is %s in the database but was not queued; queueing it", row.id, row.status)
                 metrics.reconciler_repairs().inc(tags={"repair": "adopted"})
-            self._execute(self._core.recover([job_spec(row) for row in rows], reason="reconciled"))
+            self._execute(self._core.recover(_specs(rows), reason="reconciled"))
         cutoff = utcnow() - timedelta(seconds=self._settings.idempotency_ttl_s)
         await asyncio.to_thread(self._jobs.delete_idempotency_keys, cutoff)
         self._wake.set()
@@ -337,28 +363,45 @@ class JobRouter:
     # ----- carrying out the core's actions -----
 
     def _execute(self, actions: Sequence[Action]) -> list[asyncio.Future[GenerationJob]]:
-        """Enqueue every write now, in order; the rest runs in tasks. Returns the job writes' futures."""
+        """Enqueue every write now, in order; the rest runs in tasks. Returns the job writes' futures.
+
+        One action that cannot be carried out must not cost the others theirs: it is logged, and the
+        reconciler repairs what the database and the core then disagree on.
+        """
         written = []
         for action in actions:
-            if isinstance(action, Start):
-                future = self._writer.transition(action.write) if action.write else None
-                self._spawn(self._run(action, future))
-            elif isinstance(action, (Persist, Finish)):
-                future = self._writer.transition(action.write)
-                self._spawn(self._after_write(action, future))
+            try:
+                future = self._carry_out(action)
+            except Exception:
+                logger.exception("Could not carry out %s", action)
+                continue
+            if future is not None and isinstance(action, (Persist, Finish)):
                 written.append(future)
-            elif isinstance(action, HoldJobs):
-                self._hold(action)
-            elif isinstance(action, Resumed):
-                message = f"Your image is running again after {action.hold.delays} delay(s): a GPU is available."
-                self._notify([(action.job_id, Level.INFO, message)])
-            elif isinstance(action, CancelCall):
-                self._calls.cancel(action.call_id)
-            elif isinstance(action, DeleteImage):
-                self._spawn(self._delete_image(action.job_id))
         return written
 
+    def _carry_out(self, action: Action) -> asyncio.Future[GenerationJob] | None:
+        if isinstance(action, Start):
+            future = self._writer.transition(action.write) if action.write else None
+            self._spawn(self._run(action, future))
+            return future
+        if isinstance(action, (Persist, Finish)):
+            future = self._writer.transition(action.write)
+            self._spawn(self._after_write(action, future))
+            return future
+        if isinstance(action, HoldJobs):
+            self._hold(action)
+        elif isinstance(action, Resumed):
+            message = f"Your image is running again after {action.hold.delays} delay(s): a GPU is available."
+            self._notify([(action.job_id, Level.INFO, message)])
+        elif isinstance(action, CancelCall):
+            self._calls.cancel(action.call_id)
+        elif isinstance(action, DeleteImage):
+            self._spawn(self._delete_image(action.job_id))
+        return None
+
     async def _run(self, start: Start, written: asyncio.Future[GenerationJob] | None) -> None:
+        """Write, then call: whatever happens, the core hears how the call ended (a task that died
+        would leave the job running in the core for good, its slot taken)."""
         item = start.item
         if written is not None:
             try:
@@ -367,10 +410,12 @@ class JobRouter:
                 self._let_go(item.job_id, refused)
                 return
             if start.write and start.write.mark_started:
-                metrics.job_events()["started"].inc(tags={"lane": job.lane})
-                assert job.started_at is not None  # this very write set it
-                wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
-                metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
+                self._started(job)
+        if not self._core.is_running(item.job_id, start.call_id):
+            # Cancelled, let go of, or its replica gone while its write waited: never sent.
+            self._execute(self._core.error(item.job_id, start.call_id, ErrorKind.JOB_ERROR, "not sent"))
+            self._wake.set()
+            return
         attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
         with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, attributes) as span:
             try:
@@ -379,10 +424,20 @@ class JobRouter:
                 if failed.kind is not ErrorKind.REPLICA_UNAVAILABLE:  # a hold is no failure
                     tracing.mark_failed(span, failed.detail)
                 actions = self._core.error(item.job_id, start.call_id, failed.kind, failed.detail, failed.snapshot)
+            except Exception as error:  # a bug of the router's own, not the job's
+                logger.exception("Dispatching job %s failed in the router", item.job_id)
+                actions = self._core.error(item.job_id, start.call_id, ErrorKind.JOB_ERROR, f"router error: {error!r}")
             else:
                 actions = self._core.result(item.job_id, start.call_id, result)
             self._execute(actions)  # in the slice's span: the final write's span is its child
         self._wake.set()
+
+    @staticmethod
+    def _started(job: GenerationJob) -> None:
+        metrics.job_events()["started"].inc(tags={"lane": job.lane})
+        assert job.started_at is not None  # the write that started it set it
+        wait_s = (as_utc(job.started_at) - as_utc(job.created_at)).total_seconds()
+        metrics.job_histograms()["queue_wait"].observe(wait_s, tags={"lane": job.lane})
 
     async def _after_write(self, action: Persist | Finish, written: asyncio.Future[GenerationJob]) -> None:
         write = action.write

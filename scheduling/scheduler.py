@@ -67,6 +67,8 @@ class SchedulerConfig:
     worker_ttl_s: float = 10.0
     hold_backoff: Backoff = field(default_factory=Backoff)
     storage_backoff: Backoff = field(default_factory=lambda: Backoff(base_s=2.0, cap_s=60.0))
+    # A store that stays broken (wrong credentials, a folder never repaired) must not keep a job forever.
+    max_storage_faults: int = 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,27 @@ class JobSpec:
     @property
     def trace_context(self) -> dict[str, str] | None:
         return self.metadata.get("trace_context")
+
+    # What a stored job's metadata says of its past (read by `recover`):
+
+    @property
+    def failures(self) -> int:
+        return int(self.metadata.get("failures", 0))
+
+    @property
+    def hold(self) -> Hold | None:
+        return Hold.from_document(self.metadata.get("degraded"))
+
+    @property
+    def not_before_s(self) -> float:
+        """When a retry with a countdown may run (epoch seconds; 0 when there is none)."""
+        not_before = (self.metadata.get("retry") or {}).get("not_before")
+        return datetime.fromisoformat(not_before).timestamp() if not_before else 0.0
+
+    def check(self) -> JobSpec:
+        """The spec itself, once every field `recover` reads is known to parse (raises otherwise)."""
+        _ = (self.failures, self.hold, self.not_before_s)
+        return self
 
 
 # ----- actions -----
@@ -204,6 +227,8 @@ class JobRecord:
     hold: Hold | None = None
     next_delay_at: float = 0.0  # while held: when the next delay is recorded if the outage lasts
     ready_at: float = 0.0  # while deferred
+    # Recovered as running: a replica that has not reported yet may still run a previous router's call.
+    inherited_until: float = 0.0
 
     @property
     def lane(self) -> Lane:
@@ -269,16 +294,17 @@ class Scheduler:
             if spec.job_id in self._records or spec.status.is_terminal:
                 continue
             record = self._new_record(spec)
-            record.failures = int(spec.metadata.get("failures", 0))
-            record.hold = Hold.from_document(spec.metadata.get("degraded"))
+            record.failures = spec.failures
+            record.hold = spec.hold
             if record.hold is not None:
                 record.next_delay_at = now + record.hold.last.retry_after_s
             if spec.status is JobStatus.RUNNING:
                 actions.append(Persist(self._write(record, JobStatus.PENDING, metadata={"requeued": reason})))
-            not_before = (spec.metadata.get("retry") or {}).get("not_before")
-            not_before_s = datetime.fromisoformat(not_before).timestamp() if not_before else 0.0
-            if not_before_s > now:
-                self._defer(record, not_before_s)
+                # Every replica alive reports within the TTL: after it, a previous call still
+                # running would show in `runs_elsewhere`.
+                record.inherited_until = now + self._config.worker_ttl_s
+            if spec.not_before_s > now:
+                self._defer(record, spec.not_before_s)
             else:
                 self._enqueue(record)
         return actions
@@ -417,7 +443,17 @@ class Scheduler:
             return self._failed(record, detail)
         if kind is ErrorKind.STORAGE:
             record.storage_faults += 1
-            actions = self._back_to_pending(record, {"storage_error": detail, "storage_faults": record.storage_faults})
+            metadata = {"storage_error": detail, "storage_faults": record.storage_faults}
+            if record.storage_faults >= self._config.max_storage_faults:
+                self._remove(record)
+                message = f"its image could not be stored {record.storage_faults} times; last: {detail}"
+                return [
+                    Finish(
+                        self._write(record, JobStatus.FAILED, metadata=metadata, mark_finished=True, error=message),
+                        record.trace_context,
+                    )
+                ]
+            actions = self._back_to_pending(record, metadata)
             delay_s = self._config.storage_backoff.delay_s(record.storage_faults, self._rand)
             self._defer(record, self._clock() + delay_s)
             return actions
@@ -541,7 +577,7 @@ class Scheduler:
             queued = self._queue.pop()
             if queued is None:
                 break
-            if self._pool.runs_elsewhere(queued.job_id):
+            if self._pool.runs_elsewhere(queued.job_id) or self._records[queued.job_id].inherited_until > self._clock():
                 # A previous router's call still runs it: running it twice would store its image twice.
                 still_running.append(queued)
                 continue
@@ -626,6 +662,12 @@ class Scheduler:
         adopt = frozenset(job_id for job_id, status, _ in confirmed if job_id not in self._records)
         drop = frozenset(job_id for job_id, _, _ in confirmed if job_id in self._records)
         return Divergence(adopt, drop)
+
+    def is_running(self, job_id: str, call_id: int) -> bool:
+        """Whether `call_id` is still the job's call and still wanted: the shell asks before sending it,
+        since a cancel, a refused write or an expired replica may have come first."""
+        record = self._records.get(job_id)
+        return record is not None and record.place is Place.RUNNING and record.call is not None and record.call.call_id == call_id
 
     def job_ids(self) -> list[str]:
         return list(self._records)

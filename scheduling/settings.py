@@ -29,6 +29,9 @@ class RouterSettings(BaseSettings):
     hold_base_s: float = Field(5.0, gt=0, description="First retry_after_seconds of a held job; doubles with each delay.")
     hold_cap_s: float = Field(300.0, gt=0, description="Largest retry_after_seconds of a held job.")
     hold_jitter: float = Field(0.2, ge=0, lt=1, description="retry_after_seconds is spread by +/- this fraction.")
+    max_storage_faults: int = Field(
+        20, ge=1, description="Failed attempts to store a job's image after which it ends `failed` (no GPU attempt is counted)."
+    )
     reconcile_interval_s: float = Field(
         30.0, gt=0, description="How often the router compares its queue with the database and repairs what differs."
     )

@@ -24,6 +24,7 @@ from scheduling import tracing
 from scheduling.directives import InferenceTimeout, ReplicaSnapshot, ReplicaUnavailable, StorageUnavailable
 from scheduling.scheduler import ErrorKind
 from scheduling.work import WorkItem, WorkResult
+from storage.object_store import PUT_ATTEMPT_MAX_S
 
 
 class CallFailed(Exception):
@@ -64,9 +65,11 @@ class WorkerCalls:
             self._responses.pop(call_id, None)
 
     def _deadline_s(self, item: WorkItem) -> float:
-        """The inference timeout and its grace, plus the upload's own budget on a job's last slice."""
+        """The inference timeout and its grace, plus the upload's own budget on a job's last slice
+        (an attempt begun just before that budget ends may take PUT_ATTEMPT_MAX_S more)."""
         last = item.max_steps == 0 or item.step + item.max_steps >= item.params.num_inference_steps
-        return self._timeout_s + STEP_BOUNDARY_GRACE_S + (self._upload_timeout_s if last else 0.0)
+        upload_s = self._upload_timeout_s + PUT_ATTEMPT_MAX_S if last else 0.0
+        return self._timeout_s + STEP_BOUNDARY_GRACE_S + upload_s
 
     def cancel(self, call_id: int) -> None:
         response = self._responses.get(call_id)

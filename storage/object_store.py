@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     import urllib3
 
 S3_CONNECT_TIMEOUT_S = 5.0
-S3_READ_TIMEOUT_S = 30.0
+S3_READ_TIMEOUT_S = 10.0
+S3_RETRIES = 1
+# The longest one put may take before it fails: callers' deadlines leave room for one more attempt.
+PUT_ATTEMPT_MAX_S = (S3_RETRIES + 1) * (S3_CONNECT_TIMEOUT_S + S3_READ_TIMEOUT_S) + 1.0
 
 
 def image_key(job_id: str) -> str:
@@ -178,7 +181,7 @@ def _http_client() -> urllib3.PoolManager:
 
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=S3_CONNECT_TIMEOUT_S, read=S3_READ_TIMEOUT_S),
-        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=S3_RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )
 
 

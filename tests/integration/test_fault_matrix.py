@@ -16,7 +16,7 @@ import pytest
 from storage.settings import StorageSettings
 from tests.otlp import STATUS_ERROR
 from tests.ray_app import RunningApp
-from tests.servers import PostgresServer, S3Server, ServerProcess
+from tests.servers import PostgresServer, S3Server, ServerProcess, unavailable
 
 OUTAGE_S = 30
 
@@ -31,7 +31,7 @@ def healthy_afterwards(app: RunningApp) -> Iterator[None]:
 
 def stoppable(process: ServerProcess | None, what: str) -> ServerProcess:
     if process is None:
-        pytest.skip(f"{what} is external: the tests cannot stop it")
+        unavailable(f"{what} is external: the tests cannot stop it")
     return process
 
 
@@ -86,7 +86,7 @@ def test_the_router_killed_mid_dispatch(app: RunningApp) -> None:
 
 def test_postgresql_stopped_during_submissions_and_completions(app: RunningApp, postgres: PostgresServer) -> None:
     if not postgres.serves(StorageSettings().database_url):
-        pytest.skip("the session's app does not run on this PostgreSQL server")
+        unavailable("the session's app does not run on this PostgreSQL server")
     app.inject(inference_delay_s=0.05)
     running = app.submit(prompt="completes while the database is down", num_inference_steps=40)["id"]
     app.wait_for([running], statuses=("running",), timeout_s=60)
@@ -109,7 +109,7 @@ def test_postgresql_stopped_during_submissions_and_completions(app: RunningApp, 
 
 def test_the_s3_server_stopped(app: RunningApp, s3: S3Server) -> None:
     if StorageSettings().s3_endpoint != s3.endpoint:
-        pytest.skip("the session's app does not store images on this S3 server")
+        unavailable("the session's app does not store images on this S3 server")
     with stoppable(s3.process, "the S3 server").down():
         jobs = [app.submit(prompt=f"made while S3 is down {i}")["id"] for i in range(4)]
         time.sleep(OUTAGE_S)

@@ -17,12 +17,12 @@ from storage.database import get_engine
 from storage.object_store import image_key
 from storage.settings import StorageSettings
 from tests.ray_app import RunningApp
-from tests.servers import PostgresServer, S3Server, ServerProcess
+from tests.servers import PostgresServer, S3Server, ServerProcess, unavailable
 
 
 def stoppable(process: ServerProcess | None, what: str) -> ServerProcess:
     if process is None:
-        pytest.skip(f"{what} is external: the tests cannot stop it")
+        unavailable(f"{what} is external: the tests cannot stop it")
     return process
 
 
@@ -78,7 +78,7 @@ def test_the_router_restarts_while_the_database_is_down(app: RunningApp, postgre
     from serve_app.app import APP_NAME
 
     if not postgres.serves(StorageSettings().database_url):
-        pytest.skip("the session's app does not run on this PostgreSQL server")
+        unavailable("the session's app does not run on this PostgreSQL server")
     with stoppable(postgres.process, "PostgreSQL").down():
         ray.kill(get_router(APP_NAME), no_restart=False)
         refused = app.eventually(
@@ -98,7 +98,7 @@ def test_an_object_store_outage_is_a_storage_fault_not_a_gpu_fault(app: RunningA
     """Was: each failed upload counted as a failed inference; jobs ended `failed` and the replica was
     reported stuck when a cancel arrived during an upload."""
     if StorageSettings().s3_endpoint != s3.endpoint:
-        pytest.skip("the session's app does not store images on this S3 server")
+        unavailable("the session's app does not store images on this S3 server")
     with stoppable(s3.process, "the S3 server").down():
         jobs = [app.submit(prompt=f"during the outage {i}")["id"] for i in range(3)]
         app.eventually(

@@ -258,6 +258,23 @@ def test_a_storage_fault_costs_no_attempt_keeps_the_replica_and_the_checkpoint()
     assert again.write is not None and again.write.attempts == 1  # still the first try
 
 
+def test_a_store_that_stays_broken_ends_the_job_failed_with_its_reason() -> None:
+    core = Core(overrides={"max_storage_faults": 3})
+    core.submit(spec("j"))
+    core.report("gpu")
+    for fault in (1, 2, 3):
+        core.clock.advance(10)
+        core.report("gpu")
+        [start] = core.starts()
+        actions = core.scheduler.error("j", start.call_id, ErrorKind.STORAGE, "PermissionError: media folder")
+    [finish] = actions
+    assert isinstance(finish, Finish)
+    assert (finish.write.to_status, finish.write.error) == (
+        JobStatus.FAILED, "its image could not be stored 3 times; last: PermissionError: media folder",
+    )  # fmt: skip
+    assert places(core) == {} and core.scheduler.status()["outage"] is None
+
+
 def test_a_replica_that_stops_reporting_gives_its_job_back_with_a_failure_counted() -> None:
     core = Core()
     core.submit(spec("j"))
@@ -405,8 +422,11 @@ def test_work_items_carry_the_jobs_parameters_and_trace() -> None:
 def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -> None:
     core = Core()
     core.scheduler.recover([spec("inherited", status=JobStatus.RUNNING), spec("other", arrival=1)], reason="router restarted")
-    core.report("gpu-a", running=("inherited",))  # still busy with the dead router's call
-    core.report("gpu-b")
+    core.report("gpu-b")  # gpu-a, still busy with the dead router's call, has not reported yet
     assert job_ids(core.starts()) == ["other"]  # not a second run of it on the free replica
+    core.report("gpu-a", running=("inherited",))
+    core.clock.advance(10)  # every live replica has reported since the restart
+    core.report("gpu-b")
+    assert core.starts() == []  # gpu-a still runs it: gpu-b stays idle rather than run it twice
     core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
     assert job_ids(core.starts()) == ["inherited"]
