@@ -80,8 +80,8 @@ class DiffusionWorker:
     async def _advance(self, item: WorkItem) -> WorkResult:
         from deployments.pipeline import StepControl
 
-        if item.step == 0 and await asyncio.to_thread(self._already_stored, item.job_id):
-            # A run whose answer was lost (its router died) stored the image already: not twice.
+        if item.may_be_stored and await asyncio.to_thread(self._already_stored, item.job_id):
+            # An earlier run stored it already (its answer was lost with its router, or its upload only seemed to fail): not twice.
             return WorkResult(item.job_id, self._replica_id, item.params.num_inference_steps, 0.0, object_key=image_key(item.job_id))
         faults = self.model_manager.faults
         started = time.perf_counter()

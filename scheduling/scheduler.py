@@ -619,6 +619,7 @@ class Scheduler:
             max_steps=self._config.steps_per_dispatch,
             replica_id=replica_id,
             trace_context=record.trace_context,
+            may_be_stored=record.storage_faults > 0 or (checkpoint is None and record.inherited_until > 0),
         )
         return [Start(item, record.call.call_id, write), *resumed]
 

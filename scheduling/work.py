@@ -52,6 +52,8 @@ class WorkItem:
     `replica_id` is the replica the router reserved a slot on; `AssignedReplicaRouter` sends it there.
     `trace_context` carries the job's trace (`metadata.trace_context`) from slice to slice.
     `timeout_s` is the inference timeout the replica enforces at step boundaries (0: none).
+    `may_be_stored`: an earlier run's image may be in the store already (that run's answer was lost
+    with its router, or its upload failed as far as it knew): the replica looks before it computes.
     """
 
     job_id: str
@@ -62,6 +64,7 @@ class WorkItem:
     replica_id: str | None = None
     trace_context: dict[str, str] | None = None
     timeout_s: float = 0.0
+    may_be_stored: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from storage.jobs import JobStore
 from storage.object_store import image_key
 from tests.otlp import STATUS_ERROR, OtlpCollector
 from tests.seidra_command import Seidra
@@ -62,8 +63,10 @@ def successful_uploads(collector: OtlpCollector, job: dict[str, Any]) -> int:
 
 
 def test_the_whole_cluster_stopped_then_up_again(seidra: Seidra, traced: dict[str, str], otlp_collector: OtlpCollector) -> None:
-    up(seidra, **traced)
+    up(seidra, SEIDRA_FAULT_INJECTION="1", **traced)
     with api(seidra) as client:
+        # Slow steps: the long job is still running when the cluster dies (the fault ends with it).
+        eventually(lambda: client.post("/admin/faults", json={"inference_delay_s": 0.05}).json()["workers"], "slow steps")
         running = client.post("/generation/single", json={**JOB, "prompt": "running as the cluster dies", "num_inference_steps": 150}).json()
         batch = client.post(
             "/generation/batch", json={"items": [{**JOB, "prompt": f"waiting {i}", "num_inference_steps": 8} for i in range(3)]}
@@ -76,6 +79,8 @@ def test_the_whole_cluster_stopped_then_up_again(seidra: Seidra, traced: dict[st
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
+    stored = JobStore(f"sqlite:///{seidra.home / 'seidra.db'}")
+    assert stored.get(running["id"]).status == "running"  # what the new router finds
     down = seidra.run("down", timeout_s=120)
     assert down.returncode == 0, down.stderr[-3000:]
     up(seidra, **traced)

@@ -254,7 +254,7 @@ def test_a_storage_fault_costs_no_attempt_keeps_the_replica_and_the_checkpoint()
     assert places(core) == {"j": Place.DEFERRED}
     core.clock.advance(2)  # the storage backoff
     [again] = core.starts()
-    assert (again.item.step, again.item.latents) == (4, "latents@4")
+    assert (again.item.step, again.item.latents, again.item.may_be_stored) == (4, "latents@4", True)
     assert again.write is not None and again.write.attempts == 1  # still the first try
 
 
@@ -417,6 +417,7 @@ def test_work_items_carry_the_jobs_parameters_and_trace() -> None:
     core.report("gpu")
     [start] = core.starts()
     assert start.item.params == PARAMS and start.item.trace_context == {"traceparent": "00-ab-cd-01"}
+    assert not start.item.may_be_stored  # a new job: nothing to look for in the store
 
 
 def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -> None:
@@ -429,4 +430,5 @@ def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -
     core.report("gpu-b")
     assert core.starts() == []  # gpu-a still runs it: gpu-b stays idle rather than run it twice
     core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
-    assert job_ids(core.starts()) == ["inherited"]
+    [start] = core.starts()
+    assert start.item.job_id == "inherited" and start.item.may_be_stored  # the replica looks first
