@@ -41,3 +41,12 @@ class RouterSettings(BaseSettings):
     unavailable_retry_after_s: int = Field(
         5, ge=1, le=3600, description="Retry-After sent with a 503 while the router recovers or the database is down."
     )
+    user_max_waiting_realtime: int = Field(
+        100, ge=1, description="Unfinished realtime jobs one user may have before submissions get 429 (per-key override)."
+    )
+    user_max_waiting_batch: int = Field(
+        5_000, ge=1, description="Unfinished batch jobs one user may have before submissions get 429 (per-key override)."
+    )
+    user_submissions_per_minute: int = Field(
+        120, ge=1, description="Submissions (a batch is one) one user may make per minute, in bursts of as many (per-key override)."
+    )

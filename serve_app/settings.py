@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +31,14 @@ class ApiSettings(BaseSettings):
     default_guidance_scale: float = Field(7.5, ge=0, description="guidance_scale when a request gives none.")
     max_batch_items: int = Field(500, ge=1, description="Most items in one /generation/batch request.")
     wait_timeout_s: float = Field(60.0, gt=0, le=600, description="How long ?wait=true waits before answering 202.")
+    auth: Literal["keys", "off"] = Field(
+        "keys",
+        description="`keys`: every request needs `Authorization: Bearer <API key>`; `off` (one local user, "
+        "an admin) only while the HTTP proxy listens on loopback.",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Request bodies larger than this are refused with 413 before they are read."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ApiSettings:

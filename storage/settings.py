@@ -39,7 +39,9 @@ class StorageSettings(BaseSettings):
     s3_secret_key: str = Field("", description="S3 secret key.")
     s3_bucket: str = Field("seidra-media", min_length=3, max_length=63, description="Bucket, created if missing.")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 server.")
-    s3_presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
+    s3_presign_expiry_s: int = Field(
+        900, ge=60, le=7 * 24 * 3600, description="Lifetime of the presigned image URLs minted for a job's owner."
+    )
     upload_timeout_s: float = Field(
         30.0, gt=0, description="How long a worker retries storing an image before the job waits and tries again later."
     )
