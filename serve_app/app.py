@@ -30,6 +30,7 @@ from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.router import RouterUnavailable, get_or_create_router
+from serve_app.body_limit import BodyLimitMiddleware
 from serve_app.schemas import (
     LIMITS,
     BatchAccepted,
@@ -64,6 +65,9 @@ api = FastAPI(
     version="0.1.0",
     telemetry={"auto_configure": False, "exclude": lambda scope: scope.get("path") == "/health"},
 )
+
+# Added before the request counter, so that it runs inside it and its 413s are counted too.
+api.add_middleware(BodyLimitMiddleware, max_body_bytes=LIMITS.max_body_bytes)
 
 
 @api.middleware("http")
