@@ -1,7 +1,9 @@
 """The waiting queue: pure Python, no Ray, so its orderings are unit-tested exactly.
 
-Ordering lives on the request type, `(priority, arrival, job_id)`, as in vLLM's request queue; the
-lanes add strict precedence between queues: a job of a later lane is popped only when every
+Ordering lives on the request type, `(priority, arrival, job_id)`, as in vLLM's request queue, with
+one rule on top, fair share: among jobs of the same priority, owners take turns, so one user's
+100,000-job batch does not make another user's ten jobs wait behind it. Priorities stay strict, and
+the lanes add strict precedence between queues: a job of a later lane is popped only when every
 earlier lane is empty.
 """
 
@@ -9,8 +11,9 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduling.lanes import Lane, lane_for
 
@@ -20,6 +23,7 @@ class QueuedJob:
     priority: int
     arrival: float
     job_id: str
+    owner: str = field(default="", compare=False)  # whose turn it is matters only within a priority
 
     @property
     def lane(self) -> Lane:
@@ -51,29 +55,62 @@ class JobQueue(ABC):
         """Waiting jobs in the order they would be popped."""
 
 
-class PriorityJobQueue(JobQueue):
-    """A heap ordered by `QueuedJob`; removal is lazy so cancelling is O(1)."""
+@dataclass
+class _Level:
+    """The jobs of one priority: each owner's own heap, and whose turn is next (the dict's order)."""
+
+    turns: OrderedDict[str, list[QueuedJob]] = field(default_factory=OrderedDict)
+    live: dict[str, int] = field(default_factory=dict)  # owner -> jobs still queued
+
+    def push(self, job: QueuedJob) -> None:
+        # A newcomer's first turn comes after everyone already waiting has had theirs.
+        heapq.heappush(self.turns.setdefault(job.owner, []), job)
+        self.live[job.owner] = self.live.get(job.owner, 0) + 1
+
+    def discount(self, owner: str) -> None:
+        self.live[owner] -= 1
+        if not self.live[owner]:
+            del self.live[owner], self.turns[owner]  # drops that owner's stale heap entries too
+
+
+class FairShareJobQueue(JobQueue):
+    """Strict priority; within a priority, owners round robin, each owner's jobs oldest first.
+
+    Removal is lazy (a removed job stays in its owner's heap until popped past), so cancelling is O(1).
+    """
 
     def __init__(self) -> None:
-        self._heap: list[QueuedJob] = []
+        self._levels: dict[int, _Level] = {}
         self._live: dict[str, QueuedJob] = {}
 
     def push(self, job: QueuedJob) -> None:
         if job.job_id in self._live:
             raise ValueError(f"job {job.job_id} is already queued")
         self._live[job.job_id] = job
-        heapq.heappush(self._heap, job)
+        self._levels.setdefault(job.priority, _Level()).push(job)
 
     def pop(self) -> QueuedJob | None:
-        while self._heap:
-            job = heapq.heappop(self._heap)
-            if self._live.get(job.job_id) is job:
-                del self._live[job.job_id]
-                return job
+        for priority in sorted(self._levels):
+            level = self._levels[priority]
+            if not level.turns:
+                continue
+            owner, heap = next(iter(level.turns.items()))
+            while True:
+                job = heapq.heappop(heap)
+                if self._live.get(job.job_id) is job:
+                    break
+            del self._live[job.job_id]
+            level.discount(owner)
+            if owner in level.turns:
+                level.turns.move_to_end(owner)
+            return job
         return None
 
     def remove(self, job_id: str) -> QueuedJob | None:
-        return self._live.pop(job_id, None)
+        job = self._live.pop(job_id, None)
+        if job is not None:
+            self._levels[job.priority].discount(job.owner)
+        return job
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._live
@@ -82,7 +119,21 @@ class PriorityJobQueue(JobQueue):
         return len(self._live)
 
     def __iter__(self) -> Iterator[QueuedJob]:
-        return iter(sorted(self._live.values()))
+        by_level: dict[int, OrderedDict[str, list[QueuedJob]]] = {}
+        for job in self._live.values():
+            by_level.setdefault(job.priority, OrderedDict()).setdefault(job.owner, []).append(job)
+        for priority in sorted(by_level):
+            owners = by_level[priority]
+            turns = [owner for owner in self._levels[priority].turns if owner in owners]
+            yield from _round_robin([sorted(owners[owner], reverse=True) for owner in turns])
+
+
+def _round_robin(stacks: list[list[QueuedJob]]) -> Iterator[QueuedJob]:
+    """One job from each stack's end in turn, until all are empty."""
+    while stacks:
+        for stack in stacks:
+            yield stack.pop()
+        stacks = [stack for stack in stacks if stack]
 
 
 class QueueFullError(Exception):
@@ -104,7 +155,7 @@ class LaneQueues:
     """One queue per lane, popped in lane precedence order, each with a depth limit."""
 
     def __init__(self, limits: Mapping[Lane, int], retry_after_s: int = 5) -> None:
-        self._queues: dict[Lane, JobQueue] = {lane: PriorityJobQueue() for lane in Lane}
+        self._queues: dict[Lane, JobQueue] = {lane: FairShareJobQueue() for lane in Lane}
         self._limits = dict(limits)
         self._retry_after_s = retry_after_s
         self.paused: set[Lane] = set()  # an operator stopped dispatching from these lanes

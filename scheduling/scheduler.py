@@ -27,6 +27,7 @@ from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, Repli
 from scheduling.hold import Backoff, Delay, Hold, utc
 from scheduling.job_queue import LaneQueues, QueuedJob
 from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane
+from scheduling.quota import Quota, QuotaExceeded, TokenBucket, retry_after_s
 from scheduling.replicas import ReplicaPool
 from scheduling.work import GenerationParams, WorkItem, WorkResult
 from storage.job_status import IllegalTransition, JobStatus
@@ -81,6 +82,7 @@ class JobSpec:
     params: GenerationParams
     status: JobStatus = JobStatus.PENDING
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    owner: str = ""
 
     @property
     def trace_context(self) -> dict[str, str] | None:
@@ -234,9 +236,25 @@ class JobRecord:
     def lane(self) -> Lane:
         return self.queued.lane
 
+    @property
+    def owner(self) -> str:
+        return self.queued.owner
+
 
 class UnknownJob(LookupError):
     """The core does not hold this job: it has ended, or never reached this router."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Room taken for jobs about to be stored; `release` it once they are (or are not)."""
+
+    owner: str
+    lanes: Counter[Lane]
+
+
+# Users whose rate buckets are full again are forgotten once there are this many buckets.
+MAX_IDLE_BUCKETS = 1024
 
 
 @dataclass(frozen=True)
@@ -257,24 +275,62 @@ class Scheduler:
         self._pool = ReplicaPool(config.worker_ttl_s, clock=clock)
         self._call_ids = count(1)
         self._reserved: Counter[Lane] = Counter()
+        self._reserved_by_owner: Counter[tuple[str, Lane]] = Counter()
+        self._unfinished: Counter[tuple[str, Lane]] = Counter()  # jobs held here, per owner and lane
+        self._buckets: dict[str, TokenBucket] = {}
         self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
 
     # ----- submissions and recovery -----
 
-    def reserve(self, lanes: Collection[Lane]) -> Counter[Lane]:
-        """Room for jobs about to be stored (one lane per job), or QueueFullError when they do not fit.
+    def reserve(self, lanes: Collection[Lane], owner: str = "", quota: Quota | None = None) -> Reservation:
+        """Room for one submission of `owner`'s jobs about to be stored (one lane per job).
 
-        Counting other reservations still being stored, two submissions cannot both take the last
-        room in a lane, yet neither waits for the other's database write. `release` it once stored.
+        Raises QueueFullError when a lane has no room, QuotaExceeded when `owner` would go beyond
+        `quota` (None: no per-user limit). Counting other reservations still being stored, two
+        submissions cannot both take the last room, yet neither waits for the other's database
+        write. `release` it once stored.
         """
         wanted = Counter(lanes)
         for lane, jobs in wanted.items():
             self._queue.check_room(lane, jobs + self._reserved[lane])
+        if quota is not None:
+            self._check_unfinished(owner, wanted, quota)
+            self._take_token(owner, quota)
         self._reserved.update(wanted)
-        return wanted
+        self._reserved_by_owner.update({(owner, lane): jobs for lane, jobs in wanted.items()})
+        return Reservation(owner, wanted)
 
-    def release(self, reservation: Counter[Lane]) -> None:
-        self._reserved.subtract(reservation)
+    def release(self, reservation: Reservation) -> None:
+        self._reserved.subtract(reservation.lanes)
+        self._reserved_by_owner.subtract({(reservation.owner, lane): jobs for lane, jobs in reservation.lanes.items()})
+
+    def _check_unfinished(self, owner: str, wanted: Counter[Lane], quota: Quota) -> None:
+        for lane, jobs in wanted.items():
+            have = self._unfinished[(owner, lane)] + self._reserved_by_owner[(owner, lane)]
+            limit = quota.max_unfinished[lane]
+            if have + jobs > limit:
+                raise QuotaExceeded(
+                    f"{have} unfinished {lane.value} job(s) already, {jobs} more asked for; the limit per user is {limit}",
+                    self._config.queue_full_retry_after_s,
+                )
+
+    def _take_token(self, owner: str, quota: Quota) -> None:
+        now = self._clock()
+        bucket = self._buckets.get(owner) or TokenBucket.full(quota.submissions_per_minute, now)
+        bucket.refill(now, quota.submissions_per_minute)
+        if bucket.tokens < 1:
+            raise QuotaExceeded(f"more than {quota.submissions_per_minute} submissions a minute", retry_after_s(bucket.wait_s()))
+        bucket.tokens -= 1
+        self._buckets[owner] = bucket
+        if len(self._buckets) > MAX_IDLE_BUCKETS:
+            self._forget_full_buckets(now)
+
+    def _forget_full_buckets(self, now: float) -> None:
+        """A full bucket is what a user without one gets: keep only those still refilling."""
+        for user, bucket in list(self._buckets.items()):
+            bucket.refill(now, bucket.per_minute)
+            if bucket.is_full():
+                del self._buckets[user]
 
     def submit(self, jobs: Collection[JobSpec]) -> None:
         """Stored jobs join their lanes (after `reserve`, and `release` once stored)."""
@@ -312,7 +368,7 @@ class Scheduler:
     def _new_record(self, spec: JobSpec) -> JobRecord:
         return JobRecord(
             job_id=spec.job_id,
-            queued=QueuedJob(spec.priority, spec.arrival, spec.job_id),
+            queued=QueuedJob(spec.priority, spec.arrival, spec.job_id, spec.owner),
             params=spec.params,
             trace_context=spec.trace_context,
             place=Place.WAITING,
@@ -347,10 +403,13 @@ class Scheduler:
 
     # ----- user requests -----
 
-    def cancel(self, job_id: str) -> list[Action]:
-        """End a job `cancelled`; a running one stops at its next step boundary, its slot held until then."""
+    def cancel(self, job_id: str, owner: str | None = None) -> list[Action]:
+        """End a job `cancelled`; a running one stops at its next step boundary, its slot held until then.
+
+        With `owner`, another owner's job is as unknown as a missing one.
+        """
         record = self._records.get(job_id)
-        if record is None:
+        if record is None or owner not in (None, record.owner):
             raise UnknownJob(job_id)
         if record.place is Place.STOPPING:
             raise IllegalTransition(job_id, JobStatus.CANCELLED, JobStatus.CANCELLED)
@@ -380,7 +439,9 @@ class Scheduler:
             write = self._write(record, JobStatus.PENDING, metadata=metadata, reopen=True, priority=priority)
         elif record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None):
             self._unplace(record)
+            self._untrack(record)
             record.queued = replace(record.queued, priority=priority)
+            self._track(record)
             write = self._write(record, JobStatus.PENDING, metadata=metadata, priority=priority)
         else:
             current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
@@ -704,13 +765,13 @@ class Scheduler:
 
     def _enqueue(self, record: JobRecord) -> None:
         self._unplace(record)
-        self._records[record.job_id] = record
+        self._track(record)
         record.place = Place.HELD if record.hold is not None else Place.WAITING
         self._queue.push(record.queued)
 
     def _defer(self, record: JobRecord, until: float) -> None:
         self._unplace(record)
-        self._records[record.job_id] = record
+        self._track(record)
         record.place = Place.DEFERRED
         record.ready_at = until
 
@@ -720,7 +781,19 @@ class Scheduler:
 
     def _remove(self, record: JobRecord) -> None:
         self._unplace(record)
-        self._records.pop(record.job_id, None)
+        self._untrack(record)
+
+    def _track(self, record: JobRecord) -> None:
+        if record.job_id not in self._records:
+            self._records[record.job_id] = record
+            self._unfinished[(record.owner, record.lane)] += 1
+
+    def _untrack(self, record: JobRecord) -> None:
+        if self._records.pop(record.job_id, None) is not None:
+            key = (record.owner, record.lane)
+            self._unfinished[key] -= 1
+            if not self._unfinished[key]:
+                del self._unfinished[key]  # owners come and go: keep the counter to those with work
 
     def _write(self, record: JobRecord, target: JobStatus, **changes: Any) -> JobWrite:
         """The write that moves `record` to `target` in the database; the core assumes it lands."""

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from scheduling.job_queue import LaneQueues, PriorityJobQueue, QueuedJob, QueueFullError
+from scheduling.job_queue import LaneQueues, FairShareJobQueue, QueuedJob, QueueFullError
 from scheduling.lanes import Lane
 
 LIMITS = {Lane.REALTIME: 3, Lane.BATCH: 5}
 
 
-def ids(queue: LaneQueues | PriorityJobQueue) -> list[str]:
+def ids(queue: LaneQueues | FairShareJobQueue) -> list[str]:
     return [job.job_id for job in queue]
 
 
-def drain(queue: LaneQueues | PriorityJobQueue) -> list[str]:
+def drain(queue: LaneQueues | FairShareJobQueue) -> list[str]:
     order = []
     while (job := queue.pop()) is not None:
         order.append(job.job_id)
@@ -22,7 +24,7 @@ def drain(queue: LaneQueues | PriorityJobQueue) -> list[str]:
 
 
 def test_within_a_lane_lower_priority_number_first_then_arrival_then_id() -> None:
-    queue = PriorityJobQueue()
+    queue = FairShareJobQueue()
     for job in [
         QueuedJob(8, 3.0, "c"),
         QueuedJob(6, 5.0, "late-but-urgent"),
@@ -119,3 +121,75 @@ def test_a_paused_lane_keeps_its_jobs_and_lets_the_others_run() -> None:
     assert queue.pop() is None and queue.depth(Lane.BATCH) == 1
     queue.paused.discard(Lane.BATCH)
     assert queue.pop().job_id == "batch"
+
+
+# ----- fair share: owners take turns within a priority -----
+
+
+def test_owners_take_turns_within_a_priority_each_oldest_first() -> None:
+    queue = LaneQueues(LIMITS | {Lane.BATCH: 200})
+    for index in range(100):
+        queue.push(QueuedJob(8, float(index), f"big-{index:03}", owner="big"))
+    for index in range(3):
+        queue.push(QueuedJob(8, 1000.0 + index, f"small-{index}", owner="small"))
+    expected = ["big-000", "small-0", "big-001", "small-1", "big-002", "small-2"]
+    assert ids(queue)[:6] == expected
+    assert drain(queue)[:7] == [*expected, "big-003"]
+
+
+def test_a_newcomer_waits_for_one_turn_of_everyone_already_waiting() -> None:
+    queue = FairShareJobQueue()
+    for owner in ("a", "b"):
+        for index in range(3):
+            queue.push(QueuedJob(8, float(index), f"{owner}{index}", owner=owner))
+    assert queue.pop().job_id == "a0"
+    queue.push(QueuedJob(8, 0.5, "c0", owner="c"))
+    assert drain(queue) == ["b0", "a1", "c0", "b1", "a2", "b2"]
+
+
+def test_fair_share_never_crosses_priorities_or_lanes() -> None:
+    queue = LaneQueues(LIMITS)
+    queue.push(QueuedJob(8, 0.0, "big-8a", owner="big"))
+    queue.push(QueuedJob(8, 1.0, "big-8b", owner="big"))
+    queue.push(QueuedJob(9, 0.0, "small-9", owner="small"))
+    queue.push(QueuedJob(2, 5.0, "small-realtime", owner="small"))
+    assert drain(queue) == ["small-realtime", "big-8a", "big-8b", "small-9"]
+
+
+def test_an_owner_whose_jobs_were_all_removed_loses_their_turn() -> None:
+    queue = FairShareJobQueue()
+    queue.push(QueuedJob(8, 0.0, "a0", owner="a"))
+    queue.push(QueuedJob(8, 1.0, "b0", owner="b"))
+    queue.push(QueuedJob(8, 2.0, "a1", owner="a"))
+    assert queue.remove("a0") is not None and queue.remove("a1") is not None
+    assert drain(queue) == ["b0"]
+    queue.push(QueuedJob(8, 0.0, "a0", owner="a"))  # back again: a fresh turn
+    assert drain(queue) == ["a0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "push", "push", "pop", "remove"]),
+            st.integers(0, 9),
+            st.integers(0, 40),
+            st.sampled_from(["a", "b", "c"]),
+        ),
+        max_size=80,
+    )
+)
+def test_iteration_shows_exactly_the_order_pop_would_take(operations: list[tuple[str, int, int, str]]) -> None:
+    queue = FairShareJobQueue()
+    for operation, priority, number, owner in operations:
+        job_id = f"job-{number}"
+        if operation == "push" and job_id not in queue:
+            queue.push(QueuedJob(priority, float(number % 7), job_id, owner=owner))
+        elif operation == "pop":
+            queue.pop()
+        elif operation == "remove":
+            queue.remove(job_id)
+    shown = ids(queue)
+    assert len(shown) == len(queue) == len(set(shown))
+    assert drain(queue) == shown
+    assert len(queue) == 0

@@ -7,6 +7,8 @@ errors, heartbeats, cancels, retries, maintenance, pauses and time.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass, replace
 
 from hypothesis import HealthCheck, settings
@@ -40,6 +42,11 @@ SNAPSHOTS = {
     "maintenance": ReplicaSnapshot(Mode.MAINTENANCE, Health.HEALTHY, "maintenance"),
 }
 MAX_ATTEMPTS = 3
+
+
+def owner_of(number: int) -> str:
+    """Two users, so that fair share and per-user counts are part of every sequence."""
+    return ("ann", "bob")[number % 2]
 
 
 @dataclass
@@ -114,7 +121,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         specs = []
         for _ in range(count):
             self.next_id += 1
-            specs.append(spec(f"{lane.value[0]}{self.next_id}", priority, self.next_id))
+            specs.append(spec(f"{lane.value[0]}{self.next_id}", priority, self.next_id, owner=owner_of(self.next_id)))
         try:
             self.core.submit(*specs)
         except QueueFullError:
@@ -179,7 +186,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def retry(self, data: st.DataObject, countdown_s: float) -> None:
         job_id = data.draw(st.sampled_from(sorted(self.db)))
         priority = 2 if job_id.startswith("r") else 8
-        job = spec(job_id, priority, int(job_id[1:]), status=self.db[job_id])
+        job = spec(job_id, priority, int(job_id[1:]), status=self.db[job_id], owner=owner_of(int(job_id[1:])))
         self.retrying = job_id
         try:
             self.carry_out(self.core.scheduler.retry(job, countdown_s))
@@ -214,6 +221,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(self.db[job_id] is JobStatus.CANCELLED for job_id, p in places.items() if p is Place.STOPPING)
         queued = {job.job_id for job in self.core.scheduler._queue}
         assert queued == {job_id for job_id, place in places.items() if place in QUEUED}
+
+    @invariant()
+    def per_user_counts_follow_the_records(self) -> None:
+        records = list(self.core.scheduler.records())
+        assert self.core.scheduler._unfinished == Counter((record.owner, record.lane) for record in records)
 
     @invariant()
     def replicas_never_hold_more_jobs_than_slots_and_a_job_runs_once(self) -> None:
