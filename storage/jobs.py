@@ -106,6 +106,11 @@ def _by_ids(session: Session, query: Any, job_ids: Collection[uuid.UUID | str]) 
     return [row for chunk in _chunks(ids) for row in session.exec(query.where(col(GenerationJob.id).in_(chunk)))]
 
 
+def _owned_by(owner: str | None) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE clauses that keep `owner`'s jobs, for `query.where(*...)`; None: everyone's, no clause."""
+    return () if owner is None else (col(GenerationJob.owner) == owner,)
+
+
 _STATUS_VIEW = select(GenerationJob.id, GenerationJob.status, GenerationJob.updated_at)
 
 
@@ -192,10 +197,11 @@ class JobStore:
         with self._writer.begin() as connection:
             return connection.execute(statement).rowcount
 
-    def get(self, job_id: uuid.UUID | str) -> GenerationJob:
+    def get(self, job_id: uuid.UUID | str, *, owner: str | None = None) -> GenerationJob:
+        """The job; with `owner`, only if it is theirs: another owner's job is JobNotFound, as a missing one."""
         with self._session() as session:
             job = session.get(GenerationJob, _uuid(job_id))
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise JobNotFound(job_id)
         return job
 
@@ -222,8 +228,8 @@ class JobStore:
         with self._session() as session:
             return {str(job_id) for job_id in session.exec(query)}
 
-    def for_batch(self, batch_id: uuid.UUID | str) -> list[GenerationJob]:
-        query = select(GenerationJob).where(GenerationJob.batch_id == _uuid(batch_id))
+    def for_batch(self, batch_id: uuid.UUID | str, *, owner: str | None = None) -> list[GenerationJob]:
+        query = select(GenerationJob).where(GenerationJob.batch_id == _uuid(batch_id), *_owned_by(owner))
         with self._session() as session:
             return list(session.exec(query))
 
@@ -321,8 +327,8 @@ class JobStore:
         with self._writer.begin() as connection:
             return connection.execute(_hold_statement(connection.dialect.name), params).rowcount
 
-    def count_by_status(self) -> dict[str, int]:
-        query = select(GenerationJob.status, sa.func.count()).group_by(GenerationJob.status)
+    def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
+        query = select(GenerationJob.status, sa.func.count()).where(*_owned_by(owner)).group_by(GenerationJob.status)
         with self._session() as session:
             return dict(session.exec(query).all())
 
@@ -332,9 +338,11 @@ class JobStore:
         status: JobStatus | None = None,
         lane: str | None = None,
         batch_id: uuid.UUID | None = None,
+        owner: str | None = None,
         limit: int = 50,
     ) -> list[GenerationJob]:
-        query = select(GenerationJob)
+        """The newest jobs first; each filter given narrows the list (`owner`: that user's jobs only)."""
+        query = select(GenerationJob).where(*_owned_by(owner))
         if status is not None:
             query = query.where(GenerationJob.status == status.value)
         if lane is not None:

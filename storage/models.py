@@ -35,6 +35,9 @@ class GenerationJob(SQLModel, table=True):
         _newest_first("generation_jobs", "status"),
         _newest_first("generation_jobs", "lane"),
         _newest_first("generation_jobs", "batch_id"),
+        # A user's own listings, with or without a status.
+        _newest_first("generation_jobs", "owner"),
+        _newest_first("generation_jobs", "owner", "status"),
         # The router's queue rebuild: unfinished jobs in dispatch order.
         sa.Index("ix_generation_jobs_status_priority_created_at_id", "status", "priority", "created_at", "id"),
     )
@@ -44,6 +47,8 @@ class GenerationJob(SQLModel, table=True):
     lane: str = Field(max_length=16)
     priority: int
     batch_id: uuid.UUID | None = None
+    # The API key's user who submitted it; '' (jobs from before API keys): admins alone see it.
+    owner: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
 
     prompt: str = Field(sa_type=sa.Text)
     negative_prompt: str | None = Field(default=None, sa_type=sa.Text)
@@ -72,12 +77,15 @@ class Notification(SQLModel, table=True):
         # Leading job_id also serves the cascade from generation_jobs.
         _newest_first("notifications", "job_id"),
         _newest_first("notifications", "level"),
+        _newest_first("notifications", "owner"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     job_id: uuid.UUID | None = Field(default=None, foreign_key="generation_jobs.id", ondelete="CASCADE")
     level: str = Field(max_length=16)
     message: str = Field(sa_type=sa.Text)
+    # Its job's owner, copied at insert so a user's listing needs no join; '' without a job: admins alone.
+    owner: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False)
 
 
@@ -86,10 +94,28 @@ class IdempotencyKey(SQLModel, table=True):
 
     __tablename__ = "idempotency_keys"
 
-    # Empty until API keys give requests an owner; keys are unique per owner.
+    # Keys are unique per owner (the API key's user).
     owner: str = Field(default="", max_length=64, primary_key=True, sa_column_kwargs={"server_default": ""})
     key: str = Field(max_length=255, primary_key=True)
     request_hash: str = Field(max_length=64)  # sha256 hex of the request body
     job_ids: list[str] = Field(sa_column=sa.Column(JSON_DOCUMENT, nullable=False))
     batch_id: uuid.UUID | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False, index=True)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key, stored as the sha256 of its text: the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    key_id: str = Field(max_length=12, primary_key=True)  # the public part of the key, for look-up
+    secret_hash: str = Field(max_length=64)  # sha256 hex of the whole key text
+    user: str = Field(max_length=64, index=True)
+    admin: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False)
+    expires_at: datetime | None = _timestamp()
+    revoked_at: datetime | None = _timestamp()
+    # Per-key quota overrides; None: the service's per-user setting.
+    max_waiting_realtime: int | None = None
+    max_waiting_batch: int | None = None
+    submissions_per_minute: int | None = None

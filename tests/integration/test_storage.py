@@ -97,6 +97,18 @@ def schema_differences(database_url: str) -> list[Any]:
         return compare_metadata(context, SQLModel.metadata) + ([] if stored == modelled else [("indexes", stored, modelled)])
 
 
+def insert_into_older_schema(database_url: str, *rows: SQLModel) -> None:
+    """Insert model rows into a schema at an older revision: only the columns it has are written."""
+    with get_engine(database_url).begin() as connection:
+        for row in rows:
+            table = type(row).__table__  # type: ignore[attr-defined]
+            present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
+            values = {prop.columns[0].name: getattr(row, prop.key) for prop in sa.inspect(type(row)).column_attrs}
+            # A bare table clause: no column defaults of the models' to fill in the columns left out.
+            older = sa.table(table.name, *(sa.column(name, table.c[name].type) for name in values if name in present))
+            connection.execute(sa.insert(older).values({column.name: values[column.name] for column in older.c}))
+
+
 def _not_an_index(_object: Any, _name: str | None, type_: str, _reflected: bool, _compare_to: Any) -> bool:
     return type_ != "index"
 
@@ -121,15 +133,15 @@ def statements(database_url: str) -> Iterator[list[tuple[str, Any, bool]]]:
 def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
     upgrade(database_url)
     upgrade(database_url)  # idempotent: `seidra up` runs it every time
-    assert current_revision(database_url) == "0002"
+    assert current_revision(database_url) == "0003"
     assert schema_differences(database_url) == []
 
 
 def test_migration_0002_downgrades_and_upgrades_again_keeping_the_jobs(database_url: str) -> None:
     upgrade(database_url, "0001")
     store = JobStore(database_url)
-    [job] = store.add_all([new_job()])
-    NotificationService(database_url).notify(job.id, Level.INFO, "kept")
+    job = new_job()
+    insert_into_older_schema(database_url, job, Notification(job_id=job.id, level="info", message="kept"))
     upgrade(database_url)
     store.submit([new_job()], claim())
 
