@@ -48,5 +48,7 @@ class RouterSettings(BaseSettings):
         5_000, ge=1, description="Unfinished batch jobs one user may have before submissions get 429 (per-key override)."
     )
     user_submissions_per_minute: int = Field(
-        120, ge=1, description="Submissions (a batch is one) one user may make per minute, in bursts of as many (per-key override)."
+        120,
+        ge=1,
+        description="Submissions (a batch is one) one user may make per minute, in bursts of as many (per-key override).",
     )
