@@ -1,28 +1,64 @@
-"""Request and response bodies. Bounds come from `ApiSettings`, read once at import."""
+"""Request and response bodies. Bounds come from `ApiSettings`, read once at import.
+
+Request bodies are validated strictly: a number is a JSON number, never a boolean or a string
+(`"seed": false` is not seed 0, `"width": "64"` is not 64); a float field also takes a JSON integer.
+"""
 
 from __future__ import annotations
 
 import secrets
 import uuid
 from datetime import datetime
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field, StrictInt, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model, field_validator
 
 from scheduling.lanes import (
     DEFAULT_BATCH_PRIORITY,
     DEFAULT_REALTIME_PRIORITY,
-    parse_priority,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    NAMED_PRIORITIES,
 )
 from scheduling.work import GenerationParams
 from serve_app.settings import ApiSettings
 
 LIMITS = ApiSettings()
 MAX_SEED = 2**63 - 1
+# Strict: pydantic's lax mode would take `false` as 0 and `"64"` as 64.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+PRIORITY_HELP = (
+    f"an integer {MIN_PRIORITY}-{MAX_PRIORITY} or one of {', '.join(NAMED_PRIORITIES)} "
+    f"({', '.join(f'{name} = {number}' for name, number in NAMED_PRIORITIES.items())})"
+)
+PRIORITY_NUMBER = 'A number is a JSON integer: "3" and true are refused.'
+
+
+def _priority(value: object) -> int:
+    # `type(...) is int`: a boolean is an int to isinstance. A digit string ("3") is not a name.
+    if isinstance(value, str) and value in NAMED_PRIORITIES:
+        return NAMED_PRIORITIES[value]
+    if type(value) is int and MIN_PRIORITY <= value <= MAX_PRIORITY:
+        return value
+    raise ValueError(f"must be {PRIORITY_HELP}, got {value!r}")
+
+
+Priority = Annotated[
+    int,
+    PlainValidator(_priority),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
+                {"type": "string", "enum": list(NAMED_PRIORITIES)},
+            ]
+        }
+    ),
+]
 
 
 class GenerationFields(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = REQUEST_CONFIG
 
     prompt: str = Field(min_length=1, max_length=LIMITS.max_prompt_chars)
     negative_prompt: str | None = Field(None, max_length=LIMITS.max_prompt_chars)
@@ -31,7 +67,7 @@ class GenerationFields(BaseModel):
     num_inference_steps: int = Field(LIMITS.default_inference_steps, ge=1, le=LIMITS.max_inference_steps)
     guidance_scale: float = Field(LIMITS.default_guidance_scale, ge=0, le=LIMITS.max_guidance_scale)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    priority: StrictInt | str | None = Field(None, description="0-9, or high (0), normal (2), low (8).")
+    priority: Priority | None = Field(None, description=f"{PRIORITY_HELP.capitalize()}. {PRIORITY_NUMBER}")
 
     @field_validator("prompt")
     @classmethod
@@ -54,11 +90,6 @@ class GenerationFields(BaseModel):
             raise ValueError(f"must be a multiple of 8, got {value}")
         return value
 
-    @field_validator("priority")
-    @classmethod
-    def _priority(cls, value: int | str | None) -> int | None:
-        return None if value is None else parse_priority(value)
-
     def to_job_fields(self, default_priority: int) -> dict[str, Any]:
         """What the router stores; a missing seed is drawn here so every job can be reproduced."""
         fields = self.model_dump()
@@ -74,18 +105,15 @@ class GenerationRequest(GenerationFields):
 
 
 class BatchRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = REQUEST_CONFIG
 
     items: list[GenerationFields] = Field(min_length=1, max_length=LIMITS.max_batch_items)
-    priority: StrictInt | str = Field(DEFAULT_BATCH_PRIORITY, description="Default for items without their own.")
-
-    @field_validator("priority")
-    @classmethod
-    def _priority(cls, value: int | str) -> int:
-        return parse_priority(value)
+    priority: Priority = Field(
+        DEFAULT_BATCH_PRIORITY, description=f"Default for items without their own: {PRIORITY_HELP}. {PRIORITY_NUMBER}"
+    )
 
     def to_job_fields(self) -> list[dict[str, Any]]:
-        return [item.to_job_fields(self.priority) for item in self.items]  # type: ignore[arg-type]
+        return [item.to_job_fields(self.priority) for item in self.items]
 
 
 # The generation fields of a job as the API shows them: GenerationParams' own, as they are stored.
@@ -118,14 +146,14 @@ class BatchAccepted(BaseModel):
 
 
 class MaintenanceRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = REQUEST_CONFIG
 
     enabled: bool
     replica_id: str | None = Field(None, description="One replica; all of them (and new ones) when absent.")
 
 
 class LaneRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = REQUEST_CONFIG
 
     paused: bool
 
@@ -133,7 +161,7 @@ class LaneRequest(BaseModel):
 class FaultRequest(BaseModel):
     """Drills and tests only (SEIDRA_FAULT_INJECTION=1): what the replicas should pretend."""
 
-    model_config = {"extra": "forbid"}
+    model_config = REQUEST_CONFIG
 
     replica_id: str | None = Field(None, description="One replica; all of them when absent.")
     temperature_c: float | None = Field(None, ge=0, le=200)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from serve_app.schemas import LIMITS, BatchRequest, GenerationRequest
+from serve_app.schemas import LIMITS, BatchRequest, FaultRequest, GenerationRequest, LaneRequest, MaintenanceRequest
 
 
 def refused_fields(**body: object) -> set[str]:
@@ -66,3 +66,58 @@ def test_a_bad_item_is_named_by_its_position() -> None:
     with pytest.raises(ValidationError) as refused:
         BatchRequest(items=[{"prompt": "ok"}, {"prompt": "bad", "width": 63}])
     assert [error["loc"] for error in refused.value.errors()] == [("items", 1, "width")]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"seed": False}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"width": "64"}, "width"),
+        ({"width": 64.0}, "width"),
+        ({"height": True}, "height"),
+        ({"num_inference_steps": "4"}, "num_inference_steps"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"guidance_scale": "7.5"}, "guidance_scale"),
+        ({"priority": True}, "priority"),
+        ({"priority": "3"}, "priority"),
+        ({"priority": 3.0}, "priority"),
+        ({"priority": "HIGH"}, "priority"),
+    ],
+)
+def test_numbers_are_json_numbers_not_booleans_or_strings(body: dict[str, object], field: str) -> None:
+    assert refused_fields(prompt="x", **body) == {field}
+
+
+def test_a_float_field_takes_a_json_integer() -> None:
+    assert GenerationRequest(prompt="x", guidance_scale=7).guidance_scale == 7.0
+
+
+@pytest.mark.parametrize("priority", [True, "3", 3.5])
+def test_a_batch_priority_is_an_integer_or_a_name(priority: object) -> None:
+    with pytest.raises(ValidationError) as refused:
+        BatchRequest(items=[{"prompt": "a"}], priority=priority)
+    assert [error["loc"] for error in refused.value.errors()] == [("priority",)]
+
+
+def test_a_batch_item_with_a_string_number_is_named_by_its_position() -> None:
+    with pytest.raises(ValidationError) as refused:
+        BatchRequest(items=[{"prompt": "ok"}, {"prompt": "bad", "seed": "1"}])
+    assert [error["loc"] for error in refused.value.errors()] == [("items", 1, "seed")]
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "field"),
+    [
+        (MaintenanceRequest, {"enabled": 1}, "enabled"),
+        (MaintenanceRequest, {"enabled": "true"}, "enabled"),
+        (LaneRequest, {"paused": 0}, "paused"),
+        (FaultRequest, {"temperature_c": "90"}, "temperature_c"),
+        (FaultRequest, {"inference_delay_s": True}, "inference_delay_s"),
+        (FaultRequest, {"fail_inference": "yes"}, "fail_inference"),
+    ],
+)
+def test_admin_bodies_are_strict_too(model: type[BaseModel], body: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate(body)
+    assert [error["loc"] for error in refused.value.errors()] == [(field,)]
