@@ -63,11 +63,13 @@ def downgrade() -> None:
         batch_op.drop_index("ix_api_keys_user")
     op.drop_table("api_keys")
 
-    with op.batch_alter_table("notifications", schema=None) as batch_op:
+    # SQLite drops a column in place (3.35 and later): a batch copy of the table would rebuild its
+    # indexes from SQLite's reflection, which loses their DESC.
+    with op.batch_alter_table("notifications", schema=None, recreate="never") as batch_op:
         batch_op.drop_index("ix_notifications_owner_created_at_id")
         batch_op.drop_column("owner")
 
-    with op.batch_alter_table("generation_jobs", schema=None) as batch_op:
+    with op.batch_alter_table("generation_jobs", schema=None, recreate="never") as batch_op:
         batch_op.drop_index("ix_generation_jobs_owner_status_created_at_id")
         batch_op.drop_index("ix_generation_jobs_owner_created_at_id")
         batch_op.drop_column("owner")
