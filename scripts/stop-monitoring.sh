@@ -2,4 +2,6 @@
 # Stops the monitoring stack; its named volumes (metrics, dashboards, logs, traces) are kept.
 set -euo pipefail
 . "$(dirname "$0")/compose.sh"
-compose down
+# Compose reads the whole file, Grafana's required password included, even to take containers down;
+# `down` starts nothing, so any value does.
+SEIDRA_GRAFANA_ADMIN_PASSWORD="${SEIDRA_GRAFANA_ADMIN_PASSWORD:-unused-by-down}" compose down
