@@ -27,6 +27,7 @@ from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaSnap
 from scheduling.hold import Backoff
 from scheduling.job_writer import STORAGE_OUTAGES, JobWriter
 from scheduling.lanes import Lane, lane_for
+from scheduling.quota import Quota
 from scheduling.router_lookup import ROUTER_NAMESPACE, get_router, router_name
 from scheduling.scheduler import (
     Action,
@@ -47,6 +48,7 @@ from scheduling.scheduler import (
 from scheduling.settings import RouterSettings
 from scheduling.work import GenerationParams
 from scheduling.worker_calls import CallFailed, WorkerCalls
+from storage.api_keys import KeyLimits
 from storage.job_status import JobStatus
 from storage.jobs import IdempotencyClaim, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob, utcnow
@@ -61,7 +63,7 @@ logger = logging.getLogger(__name__)
 # Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
-ROUTER_API_VERSION = 3
+ROUTER_API_VERSION = 4
 ROUTER_VERSION_TIMEOUT_S = 60.0
 # Short enough that the API answers soon after the database is back.
 RECOVERY_RETRY_MAX_S = 10.0
@@ -113,9 +115,28 @@ def _specs(rows: Sequence[GenerationJob]) -> list[JobSpec]:
     return specs
 
 
+def _without_prompt(action: Action) -> str:
+    """An action for the log: a start's work item carries the job's prompt, which logs must not."""
+    if isinstance(action, Start):
+        return f"Start(job_id={action.item.job_id!r}, call_id={action.call_id}, write={action.write!r})"
+    return repr(action)
+
+
 def job_spec(job: GenerationJob) -> JobSpec:
     arrival = as_utc(job.created_at).timestamp()
-    return JobSpec(str(job.id), job.priority, arrival, GenerationParams.of(job), JobStatus(job.status), job.meta)
+    return JobSpec(str(job.id), job.priority, arrival, GenerationParams.of(job), JobStatus(job.status), job.meta, job.owner)
+
+
+def user_quota(settings: RouterSettings, limits: KeyLimits) -> Quota:
+    """The settings' per-user limits, with the overrides of the key the request came with."""
+    realtime, batch, rate = limits.max_waiting_realtime, limits.max_waiting_batch, limits.submissions_per_minute
+    return Quota(
+        max_unfinished={
+            Lane.REALTIME: realtime or settings.user_max_waiting_realtime,
+            Lane.BATCH: batch or settings.user_max_waiting_batch,
+        },
+        submissions_per_minute=rate or settings.user_submissions_per_minute,
+    )
 
 
 class JobRouter:
@@ -170,8 +191,12 @@ class JobRouter:
         job_ids: list[str] | None = None,
         trace_context: tracing.Carrier | None = None,
         idempotency: IdempotencyClaim | None = None,
+        owner: str = "",
+        limits: KeyLimits | None = None,
     ) -> Submission:
-        """Store and enqueue jobs, all or none. Raises QueueFullError when a lane is full.
+        """Store and enqueue `owner`'s jobs, all or none. Raises QueueFullError when a lane is full,
+        QuotaExceeded when `owner` would go beyond their quota (the settings' per-user limits with the
+        overrides of their key, `limits`; None: no per-user quota, as when authentication is off).
 
         With `job_ids` (one per request) jobs that exist already are left as they are, so a batch
         driver submitting again creates nothing twice; with `idempotency` a request replayed under the
@@ -179,7 +204,7 @@ class JobRouter:
         """
         self._require_ready()
         ids: list[str | None] = list(job_ids) if job_ids else [None] * len(requests)
-        jobs = [self._new_job(request, batch_id, job_id) for request, job_id in zip(requests, ids, strict=True)]
+        jobs = [self._new_job(request, batch_id, job_id, owner) for request, job_id in zip(requests, ids, strict=True)]
         if job_ids:
             existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
             jobs = [job for job in jobs if str(job.id) not in existing]
@@ -187,7 +212,8 @@ class JobRouter:
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans, strict=True):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
-            reservation = self._core.reserve([Lane(job.lane) for job in jobs])
+            quota = None if limits is None else user_quota(self._settings, limits)
+            reservation = self._core.reserve([Lane(job.lane) for job in jobs], owner, quota)
             try:
                 submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
             except STORAGE_OUTAGES as outage:
@@ -204,12 +230,17 @@ class JobRouter:
         self._wake.set()
         return submission
 
-    async def cancel(self, job_id: str) -> GenerationJob:
-        """End a job `cancelled`; a running one stops at its next step boundary. Finished jobs refuse."""
+    async def cancel(self, job_id: str, owner: str | None = None) -> GenerationJob:
+        """End a job `cancelled`; a running one stops at its next step boundary. Finished jobs refuse.
+
+        With `owner`, another owner's job is JobNotFound, as a missing one.
+        """
         self._require_ready()
         try:
-            actions = self._core.cancel(job_id)
+            actions = self._core.cancel(job_id, owner)
         except UnknownJob:  # not in the router's hands: the database decides (ended, gone, or diverged)
+            if owner is not None:
+                await asyncio.to_thread(self._jobs.get, job_id, owner=owner)
             unfinished = frozenset({JobStatus.PENDING, JobStatus.RUNNING})
             job = await self._answer(
                 self._writer.transition(JobWrite(job_id, unfinished, JobStatus.CANCELLED, mark_finished=True))
@@ -220,14 +251,14 @@ class JobRouter:
         self._wake.set()
         return await self._answer(written)
 
-    async def retry(self, job_id: str, countdown_s: float = 0.0) -> GenerationJob:
+    async def retry(self, job_id: str, countdown_s: float = 0.0, owner: str | None = None) -> GenerationJob:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
 
         Raises IllegalTransition for a running (between two slices too) or completed job, or one
-        already waiting normally.
+        already waiting normally; with `owner`, JobNotFound for another owner's job.
         """
         self._require_ready()
-        job = await asyncio.to_thread(self._jobs.get, job_id)
+        job = await asyncio.to_thread(self._jobs.get, job_id, owner=owner)
         with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), {"seidra.countdown_s": countdown_s}):
             [written] = self._execute(self._core.retry(job_spec(job), countdown_s))
             self._wake.set()
@@ -298,13 +329,10 @@ class JobRouter:
         """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
         return self._core.load()
 
-    async def storage_settings(self) -> dict[str, Any]:
-        """Where this application keeps jobs and images, for batch drivers running in the cluster."""
-        return self._storage.model_dump()
-
-    def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None) -> GenerationJob:
+    def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None, owner: str) -> GenerationJob:
         return GenerationJob(
             **request,
+            owner=owner,
             id=uuid.UUID(job_id) if job_id else uuid.uuid4(),
             lane=lane_for(request["priority"]).value,
             batch_id=uuid.UUID(batch_id) if batch_id else None,
@@ -373,7 +401,7 @@ class JobRouter:
             try:
                 future = self._carry_out(action)
             except Exception:
-                logger.exception("Could not carry out %s", action)
+                logger.exception("Could not carry out %s", _without_prompt(action))
                 continue
             if future is not None and isinstance(action, (Persist, Finish)):
                 written.append(future)

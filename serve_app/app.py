@@ -4,21 +4,22 @@ No `from __future__ import annotations` here: FastAPI must see real types on the
 that `serve.ingress` rewrites.
 """
 
-
 import asyncio
 import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import sqlalchemy.exc
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from opentelemetry import trace
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
@@ -29,7 +30,9 @@ from scheduling import metrics, tracing
 from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
+from scheduling.quota import QuotaExceeded
 from scheduling.router import RouterUnavailable, get_or_create_router
+from serve_app.auth import Authenticator, admin, caller, owner_scope
 from serve_app.body_limit import BodyLimitMiddleware
 from serve_app.schemas import (
     LIMITS,
@@ -43,6 +46,7 @@ from serve_app.schemas import (
     NotificationView,
 )
 from serve_app.settings import AppSettings, settings_from_args
+from storage.api_keys import ApiKeyStore, KeyLimits, Principal
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob
@@ -54,6 +58,10 @@ logger = logging.getLogger(__name__)
 APP_NAME = "seidra"
 ROUTER_RESTART_RETRY_AFTER_S = 5
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+Caller = Annotated[Principal, Depends(caller)]
+Admin = Annotated[Principal, Depends(admin)]
+# What a user's GET /status shows of the router's view: no replica details, no other users' work.
+USER_STATUS_FIELDS = ("queues", "paused_lanes", "recovering")
 T = TypeVar("T")
 
 # FastAPI's own telemetry opens each request's server span (the root of a job's trace), with the
@@ -64,6 +72,10 @@ api = FastAPI(
     description="Text-to-image generation on Ray Serve",
     version="0.1.0",
     telemetry={"auto_configure": False, "exclude": lambda scope: scope.get("path") == "/health"},
+    # Served below, behind a key like every route but /health.
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 # Added before the request counter, so that it runs inside it and its 413s are counted too.
@@ -101,13 +113,51 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
     return JSONResponse(status_code=422, content={"detail": errors, "message": message})
 
 
+class ErrorBody(BaseModel):
+    detail: Any
+    message: str | None = Field(None, description="One line naming each offending field (422 only).")
+
+
+ERROR_MEANINGS = {
+    400: "The body is not valid JSON.",
+    401: "Missing, unknown, revoked or expired API key (with `WWW-Authenticate: Bearer`).",
+    403: "An admin route, or another user's rows asked for, with a user key.",
+    404: "No such job, or not one of the caller's (the same answer: no existence oracle).",
+    409: "The job is not in a state that allows this.",
+    413: "The body is larger than SEIDRA_MAX_BODY_BYTES.",
+    422: "A field is invalid; `message` names it.",
+    429: "A queue is full or the caller's quota is spent; come back after `Retry-After`.",
+    503: "The router is recovering or the database is unreachable; come back after `Retry-After`.",
+}
+
+
+@api.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(_principal: Caller) -> JSONResponse:
+    return JSONResponse(api.openapi())
+
+
+@api.get("/docs", include_in_schema=False)
+async def swagger_ui(_principal: Caller) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} API")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an operation can answer."""
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+# Every authenticated operation can answer these; operations with a body add 400 and 413.
+READ_ERRORS = (401, 422, 503)
+WRITE_ERRORS = (400, 401, 413, 422, 503)
+
+
 async def _router_call(call: Awaitable[T]) -> T:
     """Turn the router's refusals into HTTP errors."""
     try:
         return await call
     except RayTaskError as error:
         cause = error.cause
-        if isinstance(cause, QueueFullError):
+        if isinstance(cause, (QueueFullError, QuotaExceeded)):
             raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
         if isinstance(cause, RouterUnavailable):
             raise HTTPException(503, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
@@ -124,8 +174,8 @@ async def _router_call(call: Awaitable[T]) -> T:
         ) from None
 
 
-def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None) -> IdempotencyClaim | None:
-    """The idempotency claim for a request: its key and a hash of what it asks for.
+def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None, principal: Principal) -> IdempotencyClaim | None:
+    """The idempotency claim for a request: its key, per user, and a hash of what it asks for.
 
     The hash covers the validated body (a seed left out is drawn later, so a replay gets the
     original seed back) and the path, so a key reused on the other endpoint is a mismatch.
@@ -136,7 +186,12 @@ def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None)
         raise HTTPException(422, "Idempotency-Key: must be printable and not blank")
     body = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     request_hash = hashlib.sha256(f"{path}\n{body}".encode()).hexdigest()
-    return IdempotencyClaim(owner="", key=key, request_hash=request_hash, batch_id=batch_id)
+    return IdempotencyClaim(owner=principal.user, key=key, request_hash=request_hash, batch_id=batch_id)
+
+
+def _quota_limits(principal: Principal) -> KeyLimits | None:
+    """The key's quota overrides; None (no per-user quota) for the one local user when auth is off."""
+    return principal.limits if principal.key_id is not None else None
 
 
 # The API only awaits the router and the database: many requests (long ?wait=true ones among them)
@@ -152,11 +207,14 @@ class SeidraAPI:
         self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
         self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings.router, storage)
+        api.state.authenticator = Authenticator(settings.api.auth, ApiKeyStore(storage.database_url))
 
-    def _view(self, job: GenerationJob) -> JobView:
+    def _view(self, job: GenerationJob, principal: Principal) -> JobView:
         fields = job.model_dump()
         image_url = None
-        if fields["status"] == JobStatus.COMPLETED.value and fields["result_key"] and "archived" not in fields["meta"]:
+        # Minted for the job's owner alone: an admin looking at it fetches the image through the API.
+        mine = fields["owner"] == principal.user
+        if mine and fields["status"] == JobStatus.COMPLETED.value and fields["result_key"] and "archived" not in fields["meta"]:
             image_url = self._image_url(fields["id"], fields["result_key"])
         times = {name: as_utc(fields[name]) for name in ("created_at", "updated_at", "started_at", "finished_at")}
         return JobView(**{**fields, **times, "metadata": fields["meta"], "image_url": image_url})
@@ -165,43 +223,62 @@ class SeidraAPI:
         location = self._store.location(key)
         return location if location.startswith("http") else f"/jobs/{job_id}/image"
 
-    async def _get(self, job_id: uuid.UUID) -> GenerationJob:
+    async def _get(self, job_id: uuid.UUID, principal: Principal) -> GenerationJob:
         try:
-            return await asyncio.to_thread(self._jobs.get, job_id)
+            return await asyncio.to_thread(self._jobs.get, job_id, owner=owner_scope(principal))
         except JobNotFound as error:
             raise HTTPException(404, str(error)) from None
 
-    @api.post("/generation/single", status_code=202, response_model=JobView)
+    @api.post(
+        "/generation/single",
+        status_code=202,
+        response_model=JobView,
+        responses={200: {"model": JobView, "description": "An Idempotency-Key replay, or ?wait=true and the job ended."}}
+        | _errors(*WRITE_ERRORS, 429),
+    )
     async def generate(
         self,
+        principal: Caller,
         request: GenerationRequest,
         response: Response,
-        wait: bool = False,
+        wait: StrictBool = False,
         idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
     ) -> JobView:
         """Queue one image (realtime lane by default). The same `Idempotency-Key` with the same body
         returns the job it created the first time (200); with another body, 422."""
-        claim = _claim(idempotency_key, "/generation/single", request, batch_id=None)
+        claim = _claim(idempotency_key, "/generation/single", request, None, principal)
         submission: Submission = await _router_call(
-            self._router.submit.remote([request.to_job_fields()], trace_context=tracing.carrier(), idempotency=claim)
+            self._router.submit.remote(
+                [request.to_job_fields()],
+                trace_context=tracing.carrier(),
+                idempotency=claim,
+                owner=principal.user,
+                limits=_quota_limits(principal),
+            )
         )
         [job] = submission.jobs
         trace.get_current_span().set_attribute(tracing.JOB_ID, str(job.id))
         if not submission.created:
             response.status_code = 200
         if not wait:
-            return self._view(job)
+            return self._view(job, principal)
         try:
             final = await self._router.wait.remote(str(job.id), LIMITS.wait_timeout_s)
         except RayActorError:
             final = None  # the job is stored and queued; only the wait was lost with the router
         if final is not None and JobStatus(final).is_terminal:
             response.status_code = 200
-        return self._view(await self._get(job.id))
+        return self._view(await self._get(job.id, principal), principal)
 
-    @api.post("/generation/batch", status_code=202, response_model=BatchAccepted)
+    @api.post(
+        "/generation/batch",
+        status_code=202,
+        response_model=BatchAccepted,
+        responses={200: {"model": BatchAccepted, "description": "An Idempotency-Key replay."}} | _errors(*WRITE_ERRORS, 429),
+    )
     async def generate_batch(
         self,
+        principal: Caller,
         request: BatchRequest,
         response: Response,
         idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
@@ -209,37 +286,54 @@ class SeidraAPI:
         """Queue several images (batch lane by default), all or none; `Idempotency-Key` as for one image."""
         batch_id = uuid.uuid4()
         trace.get_current_span().set_attribute("seidra.batch_id", str(batch_id))
-        claim = _claim(idempotency_key, "/generation/batch", request, batch_id)
+        claim = _claim(idempotency_key, "/generation/batch", request, batch_id, principal)
         submission: Submission = await _router_call(
             self._router.submit.remote(
-                request.to_job_fields(), str(batch_id), trace_context=tracing.carrier(), idempotency=claim
+                request.to_job_fields(),
+                str(batch_id),
+                trace_context=tracing.carrier(),
+                idempotency=claim,
+                owner=principal.user,
+                limits=_quota_limits(principal),
             )
         )
         if not submission.created:
             response.status_code = 200
-        views = [self._view(job) for job in submission.jobs]
+        views = [self._view(job, principal) for job in submission.jobs]
         return BatchAccepted(batch_id=submission.batch_id or batch_id, job_ids=[view.id for view in views], jobs=views)
 
-    @api.get("/jobs/{job_id}", response_model=JobView)
-    async def get_job(self, job_id: uuid.UUID) -> JobView:
-        return self._view(await self._get(job_id))
+    @api.get("/jobs/{job_id}", response_model=JobView, responses=_errors(*READ_ERRORS, 404))
+    async def get_job(self, job_id: uuid.UUID, principal: Caller) -> JobView:
+        return self._view(await self._get(job_id, principal), principal)
 
-    @api.get("/jobs", response_model=list[JobView])
+    @api.get("/jobs", response_model=list[JobView], responses=_errors(*READ_ERRORS, 403))
     async def list_jobs(
         self,
+        principal: Caller,
         status: JobStatus | None = None,
         lane: Lane | None = None,
         batch_id: uuid.UUID | None = None,
-        limit: int = Query(50, ge=1, le=1000),
+        owner: Annotated[str | None, Query(max_length=64, description="Admins: that user's jobs only.")] = None,
+        limit: Annotated[StrictInt, Query(ge=1, le=1000)] = 50,
     ) -> list[JobView]:
+        """The caller's jobs, newest first (an admin's: everyone's, or `owner`'s)."""
         jobs = await asyncio.to_thread(
-            self._jobs.list, status=status, lane=lane.value if lane else None, batch_id=batch_id, limit=limit
+            self._jobs.list,
+            status=status,
+            lane=lane.value if lane else None,
+            batch_id=batch_id,
+            owner=owner_scope(principal, owner),
+            limit=limit,
         )
-        return [self._view(job) for job in jobs]
+        return [self._view(job, principal) for job in jobs]
 
-    @api.get("/jobs/{job_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def get_image(self, job_id: uuid.UUID) -> Response:
-        job = await self._get(job_id)
+    @api.get(
+        "/jobs/{job_id}/image",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}} | _errors(*READ_ERRORS, 404, 409),
+    )
+    async def get_image(self, job_id: uuid.UUID, principal: Caller) -> Response:
+        job = await self._get(job_id, principal)
         if job.status != JobStatus.COMPLETED.value or not job.result_key:
             raise HTTPException(409, f"job {job_id} is {job.status}; it has no image yet")
         try:
@@ -248,35 +342,50 @@ class SeidraAPI:
             raise HTTPException(404, f"the image of job {job_id} is no longer in the object store") from None
         return Response(content=data, media_type="image/png")
 
-    @api.delete("/jobs/{job_id}", response_model=JobView)
-    async def cancel_job(self, job_id: uuid.UUID) -> JobView:
-        return self._view(await _router_call(self._router.cancel.remote(str(job_id))))
+    @api.delete("/jobs/{job_id}", response_model=JobView, responses=_errors(*READ_ERRORS, 404, 409))
+    async def cancel_job(self, job_id: uuid.UUID, principal: Caller) -> JobView:
+        cancelled = await _router_call(self._router.cancel.remote(str(job_id), owner_scope(principal)))
+        return self._view(cancelled, principal)
 
-    @api.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView)
-    async def retry_job(self, job_id: uuid.UUID, countdown_s: float = Query(0.0, ge=0, le=86_400)) -> JobView:
+    @api.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView, responses=_errors(*READ_ERRORS, 404, 409))
+    async def retry_job(
+        self,
+        principal: Caller,
+        job_id: uuid.UUID,
+        countdown_s: Annotated[StrictFloat, Query(ge=0, le=86_400)] = 0.0,
+    ) -> JobView:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`."""
-        return self._view(await _router_call(self._router.retry.remote(str(job_id), countdown_s)))
+        retried = await _router_call(self._router.retry.remote(str(job_id), countdown_s, owner_scope(principal)))
+        return self._view(retried, principal)
 
-    @api.get("/notifications", response_model=list[NotificationView])
+    @api.get("/notifications", response_model=list[NotificationView], responses=_errors(*READ_ERRORS, 403))
     async def list_notifications(
-        self, job_id: uuid.UUID | None = None, level: Level | None = None, limit: int = Query(50, ge=1, le=1000)
+        self,
+        principal: Caller,
+        job_id: uuid.UUID | None = None,
+        level: Level | None = None,
+        owner: Annotated[str | None, Query(max_length=64, description="Admins: that user's notifications only.")] = None,
+        limit: Annotated[StrictInt, Query(ge=1, le=1000)] = 50,
     ) -> list[NotificationView]:
-        rows = await asyncio.to_thread(self._notifications.list, job_id=job_id, level=level, limit=limit)
+        """The caller's notifications, newest first (an admin's: everyone's, or `owner`'s)."""
+        rows = await asyncio.to_thread(
+            self._notifications.list, job_id=job_id, level=level, owner=owner_scope(principal, owner), limit=limit
+        )
         return [NotificationView(**{**row.model_dump(), "created_at": as_utc(row.created_at)}) for row in rows]
 
-    @api.post("/admin/maintenance")
-    async def maintenance(self, request: MaintenanceRequest) -> dict[str, Any]:
+    @api.post("/admin/maintenance", responses=_errors(*WRITE_ERRORS, 403, 404))
+    async def maintenance(self, request: MaintenanceRequest, _admin: Admin) -> dict[str, Any]:
         """Drain one replica or all: running jobs finish, no new ones start there."""
         workers = await _router_call(self._router.set_maintenance.remote(request.replica_id, request.enabled))
         return {"workers": workers}
 
-    @api.post("/admin/lanes/{lane}")
-    async def pause_lane(self, lane: Lane, request: LaneRequest) -> dict[str, Any]:
+    @api.post("/admin/lanes/{lane}", responses=_errors(*WRITE_ERRORS, 403))
+    async def pause_lane(self, lane: Lane, request: LaneRequest, _admin: Admin) -> dict[str, Any]:
         """Stop dispatching from a lane (its jobs keep their places) or start again."""
         return {"paused_lanes": await _router_call(self._router.set_lane_paused.remote(lane.value, request.paused))}
 
-    @api.post("/admin/faults")
-    async def inject_faults(self, request: FaultRequest) -> dict[str, Any]:
+    @api.post("/admin/faults", responses=_errors(*WRITE_ERRORS, 403))
+    async def inject_faults(self, request: FaultRequest, _admin: Admin) -> dict[str, Any]:
         """Drills and tests only: make replicas report faults. Off unless SEIDRA_FAULT_INJECTION=1."""
         self._require_fault_injection()
         faults = InjectedFaults(
@@ -287,8 +396,8 @@ class SeidraAPI:
         )
         return {"workers": await _router_call(self._router.set_faults.remote(request.replica_id, faults))}
 
-    @api.delete("/admin/faults")
-    async def clear_faults(self, replica_id: str | None = None) -> dict[str, Any]:
+    @api.delete("/admin/faults", responses=_errors(*READ_ERRORS, 403))
+    async def clear_faults(self, _admin: Admin, replica_id: str | None = None) -> dict[str, Any]:
         self._require_fault_injection()
         return {"workers": await _router_call(self._router.set_faults.remote(replica_id, None))}
 
@@ -298,16 +407,21 @@ class SeidraAPI:
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
+        """Liveness, for load balancers and probes: the one route without a key, and it tells nothing."""
         return {"status": "ok"}
 
-    @api.get("/status")
-    async def status(self) -> dict[str, Any]:
-        """The router's view, and job counts from the database (null while it is unreachable)."""
+    @api.get("/status", responses=_errors(401, 503))
+    async def status(self, principal: Caller) -> dict[str, Any]:
+        """Queue depths and the caller's job counts (null while the database is unreachable); an
+        admin also sees the replicas, holds and everyone's counts."""
         router = await _router_call(self._router.status.remote())
+        scope = owner_scope(principal)
         try:
-            jobs, database = await asyncio.to_thread(self._jobs.count_by_status), "ok"
+            jobs, database = await asyncio.to_thread(self._jobs.count_by_status, owner=scope), "ok"
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as error:
             jobs, database = None, f"unreachable ({type(error).__name__})"
+        if not principal.admin:
+            router = {name: router[name] for name in USER_STATUS_FIELDS}
         return {**router, "jobs": jobs, "database": database}
 
 
@@ -320,7 +434,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """
     from deployments.worker import DiffusionWorker
 
+    _refuse_secret_args(args or {})
     settings = AppSettings.resolve(args or {})
+    _refuse_open_proxy_without_auth(settings.api.auth)
     worker = settings.worker.require_model()
     # The replicas get their settings as objects; the variables serve the request schemas, whose
     # bounds FastAPI needs when their module loads (`serve_app.schemas.LIMITS`).
@@ -338,6 +454,38 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ).bind(settings.worker, settings.storage)
     api = SeidraAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return api.bind(workers, settings)
+
+
+def _refuse_secret_args(args: dict[str, Any]) -> None:
+    """Serve shows an application's args to anyone who can read its config: secrets come from the
+    environment of each process instead (`storage.settings`)."""
+    from storage.settings import SECRET_VARIABLES
+
+    for name in args:
+        variable = f"SEIDRA_{name.upper()}"
+        if variable in SECRET_VARIABLES:
+            raise ValueError(
+                f"{name} is a secret and must not be an application arg (`serve config` shows them): "
+                f"set {variable} or {variable}_FILE in the environment of every Ray node instead"
+            )
+
+
+def _refuse_open_proxy_without_auth(auth: str) -> None:
+    """`auth: off` only while Serve's HTTP proxy listens on loopback, so `serve deploy` of a config
+    that opens it wider fails. The builder asks the Serve instance it is deploying into; with no
+    instance to ask, it cannot know where the proxy will listen."""
+    from serve_app.cluster import auth_off_refusal, is_loopback, serve_http_options
+
+    if auth != "off":
+        return
+    options = serve_http_options()
+    if options is None:
+        raise ValueError(
+            "SEIDRA_AUTH=off is allowed only while the HTTP proxy listens on loopback, and no running Serve "
+            "instance says where it listens: deploy with `serve deploy` or `seidra up`, or set SEIDRA_AUTH=keys"
+        )
+    if not is_loopback(options.host):
+        raise ValueError(auth_off_refusal(str(options.host)))
 
 
 def _replicas(worker: WorkerSettings) -> dict[str, Any]:

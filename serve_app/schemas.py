@@ -124,6 +124,7 @@ GenerationView: type[BaseModel] = create_model(
 
 class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built from GenerationParams
     id: uuid.UUID
+    owner: str
     status: str
     lane: str
     priority: int

@@ -20,12 +20,15 @@ from typing import Any
 import httpx
 import pytest
 
+from storage.api_keys import ApiKeyStore, KeyLimits
 from storage.jobs import JobStore
+from storage.notifications import NotificationService
 from storage.object_store import ObjectStore, open_object_store
 from storage.settings import StorageSettings
 from tests.otlp import OtlpCollector
 
 TEST_ENV = {
+    "SEIDRA_AUTH": "keys",
     "SEIDRA_TORCH_THREADS": "1",
     "SEIDRA_MAX_WORKERS": "0",  # one worker: the tests reason about its single slot
     "SEIDRA_FAULT_INJECTION": "1",
@@ -61,6 +64,18 @@ class RunningApp:
     jobs: JobStore
     media: ObjectStore
     traces: OtlpCollector  # what every process of the app exported
+    notifications: NotificationService
+    keys: ApiKeyStore
+    admin_key: str  # `http` sends it with every request
+
+    def key_for(self, user: str, admin: bool = False, **limits: Any) -> str:
+        """A fresh API key for `user` (limits: KeyLimits overrides)."""
+        return self.keys.create(user, admin=admin, limits=KeyLimits(**limits)).key
+
+    def client(self, key: str | None) -> httpx.Client:
+        """A client of the app sending `key` (None: no Authorization header at all)."""
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers)
 
     def submit(self, **fields: Any) -> dict[str, Any]:
         body = {"width": 64, "height": 64, "num_inference_steps": 4, **fields}
@@ -187,11 +202,15 @@ def app(
         try:
             # Deployed as operators do: `serve deploy serve_app/serve_config.yaml`, through the dashboard.
             url = deploy_serve_config(f"http://127.0.0.1:{dashboard_port}", "127.0.0.1", port, 0, timeout_s=180)
-            http = httpx.Client(base_url=url, timeout=60)
+            keys = ApiKeyStore(storage.database_url)
+            # Tests submit far faster than a person: the admin key lifts the submission rate.
+            admin_key = keys.create("test-admin", admin=True, limits=KeyLimits(submissions_per_minute=1_000_000)).key
+            http = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {admin_key}"})
             _wait_for_capacity(http)
             dashboard_url = f"http://127.0.0.1:{dashboard_port}"
             jobs, media = JobStore(storage.database_url), open_object_store(storage)
-            yield RunningApp(url, dashboard_url, http, jobs, media, otlp_collector)
+            notifications = NotificationService(storage.database_url)
+            yield RunningApp(url, dashboard_url, http, jobs, media, otlp_collector, notifications, keys, admin_key)
         finally:
             serve.shutdown()
             ray.shutdown()

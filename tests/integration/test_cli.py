@@ -11,7 +11,14 @@ from serve_app.cli import main
 from tests.ray_app import RunningApp
 
 
-def test_submit_wait_then_list_and_status(app: RunningApp, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def as_admin(app: RunningApp, monkeypatch: pytest.MonkeyPatch) -> RunningApp:
+    monkeypatch.setenv("SEIDRA_API_KEY", app.admin_key)
+    return app
+
+
+def test_submit_wait_then_list_and_status(as_admin: RunningApp, capsys: pytest.CaptureFixture[str]) -> None:
+    app = as_admin
     small = ["--width", "64", "--height", "64", "--steps", "4"]
     assert main(["submit", "a paper boat", "--url", app.url, "--wait", "--json", *small]) == 0
     job = json.loads(capsys.readouterr().out)
@@ -29,7 +36,8 @@ def test_submit_wait_then_list_and_status(app: RunningApp, capsys: pytest.Captur
     assert "worker" in capsys.readouterr().out
 
 
-def test_submit_refused_by_the_api_is_one_line(app: RunningApp, capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_refused_by_the_api_is_one_line(as_admin: RunningApp, capsys: pytest.CaptureFixture[str]) -> None:
+    app = as_admin
     assert main(["submit", "x", "--url", app.url, "--width", "100"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
