@@ -29,6 +29,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
+from storage.settings import is_secret_variable
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -120,8 +122,12 @@ EXPORTERS: dict[str, Callable[[], SpanExporter | None]] = {
 
 
 def environment() -> dict[str, str]:
-    """This process's `OTEL_*` variables, for the processes it starts (replicas, the router)."""
-    return {name: value for name, value in os.environ.items() if name.startswith("OTEL_")}
+    """This process's `OTEL_*` variables, for the processes it starts (replicas, the router).
+
+    Not the OTLP headers: they carry credentials, and a runtime env is shown to anyone who can read
+    the dashboard. Every process's exporter reads them from its own environment.
+    """
+    return {name: value for name, value in os.environ.items() if name.startswith("OTEL_") and not is_secret_variable(name)}
 
 
 def _is_true(text: str) -> bool:

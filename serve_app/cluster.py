@@ -2,12 +2,17 @@
 
 A head started by `seidra up` runs as `ray start --head --block` in its own process group, so
 `seidra down` stops exactly those processes and leaves any other Ray cluster on the host alone.
+
+Secrets (`storage.settings.SECRET_VARIABLES`) are never forwarded: the head's processes inherit
+them from `seidra up`'s environment, and the nodes of a cluster joined by address have their own.
+Every file written here is readable by its owner alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -20,20 +25,27 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
 
 from serve_app.client import ApiError, SeidraClient
-from storage.settings import seidra_home
+from storage.settings import is_secret_variable, seidra_home
+
+if TYPE_CHECKING:
+    from ray.serve.config import HTTPOptions
 
 SERVE_APP_NAME = "seidra"
 SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
-# Settings travel to every replica and to the router through the runtime_env.
+# Settings travel to every replica and to the router as the application's args or runtime_env,
+# which anyone who can read `serve config` or the dashboard sees: secrets are left out.
 FORWARDED_ENV_PREFIXES = ("SEIDRA_", "HF_", "OTEL_")
 # Read by the CLI alone; the application builder would refuse them as unknown settings.
-CLI_ONLY_VARIABLES = ("SEIDRA_API_URL", "SEIDRA_DEBUG")
+CLI_ONLY_VARIABLES = ("SEIDRA_API_URL", "SEIDRA_DEBUG", "SEIDRA_API_KEY", "SEIDRA_API_KEY_FILE")
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+LOOPBACK_NAMES = ("localhost",)
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
 WORKERS_TIMEOUT_S = 300.0
@@ -68,11 +80,7 @@ class UpState:
         return seidra_home() / "run" / "up.json"
 
     def save(self) -> None:
-        self.path().parent.mkdir(parents=True, exist_ok=True)
-        # Write, then rename: a `seidra up` killed mid-write must not leave half a file behind.
-        partial = self.path().with_suffix(".json.partial")
-        partial.write_text(json.dumps(asdict(self), indent=2))
-        partial.replace(self.path())
+        write_private(self.path(), json.dumps(asdict(self), indent=2))
 
     def running_head(self) -> int | None:
         """The pid of the head `seidra up` started, while that very process runs (the pid may be reused)."""
@@ -92,11 +100,25 @@ class UpState:
         cls.path().unlink(missing_ok=True)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `path` readable by its owner alone; write, then rename, so that a `seidra up` killed
+    mid-write leaves no half file behind."""
+    path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # one left by a killed run may have another mode
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+    partial.replace(path)
+
+
 def forwarded_env() -> dict[str, str]:
+    """This shell's settings for the application: every `SEIDRA_*`, `HF_*` and `OTEL_*` variable but
+    the CLI's own and the secrets (and the names of secret files, which are paths on this machine)."""
     env = {
         key: value
         for key, value in os.environ.items()
-        if key.startswith(FORWARDED_ENV_PREFIXES) and key not in CLI_ONLY_VARIABLES
+        if key.startswith(FORWARDED_ENV_PREFIXES) and key not in CLI_ONLY_VARIABLES and not is_secret_variable(key)
     }
     # Resolved here: replicas run in other working directories and maybe as other users.
     env["SEIDRA_HOME"] = str(seidra_home())
@@ -198,8 +220,10 @@ def launch_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fi
     ]  # fmt: skip
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
+    log_file.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    # The head's processes inherit this whole environment, secrets included: that is how they reach
+    # the replicas and the router without being written anywhere.
+    with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE), "ab") as log:
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, **forwarded_env(), "PATH": _path_with_this_python()},
@@ -259,7 +283,7 @@ def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Pa
     """
     config = yaml.safe_load(source.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": http_host, "port": http_port}
-    [app] = [app for app in config["applications"] if app["name"] == SERVE_APP_NAME]
+    app = _seidra_app(config)
     env = forwarded_env()
     settings = settings_args(env)
     if not cluster_gpus:  # a laptop or CI machine: one CPU worker, unless told otherwise
@@ -270,6 +294,57 @@ def serve_config(http_host: str, http_port: int, cluster_gpus: float, source: Pa
     runtime_env = app.setdefault("runtime_env", {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **others}
     return config
+
+
+def _seidra_app(config: dict[str, Any]) -> dict[str, Any]:
+    apps: list[dict[str, Any]] = [app for app in config["applications"] if app["name"] == SERVE_APP_NAME]
+    [app] = apps
+    return app
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether an HTTP proxy bound to `host` is reachable from this machine alone (None: no proxy)."""
+    if host is None or host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def auth_off_refusal(http_host: str) -> str:
+    return (
+        f"SEIDRA_AUTH=off is allowed only while the HTTP proxy listens on loopback, and it listens on {http_host}: "
+        "set SEIDRA_AUTH=keys (keys come from `seidra keys create`) or bind the proxy to 127.0.0.1"
+    )
+
+
+def check_auth_binding(http_host: str, source: Path = SERVE_CONFIG) -> None:
+    """Refuse, before anything starts, to open an API without keys beyond this machine.
+
+    The application's `auth` is this shell's SEIDRA_AUTH over the config file's args, as deployed.
+    """
+    file_args = _seidra_app(yaml.safe_load(source.read_text())).get("args") or {}
+    auth = {**file_args, **settings_args(forwarded_env())}.get("auth", "keys")
+    if auth == "off" and not is_loopback(http_host):
+        raise ClusterError(auth_off_refusal(http_host))
+
+
+def serve_http_options() -> HTTPOptions | None:
+    """The HTTP options of the Serve instance on the Ray cluster this process is connected to; None
+    when it is not connected, or no Serve instance runs there.
+
+    Ray 2.60 has no public call for them (the dashboard's `GET /api/serve/applications/` shows the
+    same ones, from the same controller), hence Serve's own client, used here alone.
+    """
+    import ray
+
+    if not ray.is_initialized():  # asking would start a local Ray instance
+        return None
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.http_config
 
 
 def base_url(http_host: str, http_port: int) -> str:
@@ -304,8 +379,7 @@ def deploy_serve_config(
     as Serve gives up on the application, with Serve's reason (or the workers' own).
     """
     derived = seidra_home() / "run" / "serve_config.yaml"
-    derived.parent.mkdir(parents=True, exist_ok=True)
-    derived.write_text(yaml.safe_dump(serve_config(http_host, http_port, cluster_gpus), sort_keys=False))
+    write_private(derived, yaml.safe_dump(serve_config(http_host, http_port, cluster_gpus), sort_keys=False))
     completed = subprocess.run(
         [_executable("serve"), "deploy", str(derived), "--address", dashboard_url], check=False, capture_output=True, text=True
     )

@@ -1,4 +1,5 @@
-"""`make demo`: bring SEIDRA up, send a batch and a realtime request over HTTP, show the jobs, go down."""
+"""`make demo`: bring SEIDRA up on 127.0.0.1 without API keys, send a batch and a realtime request over HTTP,
+show the jobs, go down."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def check_images(api: SeidraClient, jobs: list[dict[str, Any]]) -> list[dict[str
 
 
 def main() -> int:
+    # No keys to make or pass around: `seidra up` binds the API to 127.0.0.1, where SEIDRA_AUTH=off
+    # is allowed (and refused anywhere else).
+    os.environ["SEIDRA_AUTH"] = "off"
     tiny = ensure_model()
     if UpState.load() is not None:
         print("A previous demo left SEIDRA up; stopping it first.")
