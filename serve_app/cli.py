@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduling.lanes import Lane
 from serve_app.client import DEFAULT_URL, ApiError, SeidraClient
@@ -40,6 +41,11 @@ from serve_app.cluster import (
 )
 from storage.job_status import JobStatus
 
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from storage.api_keys import ApiKeyStore
+
 
 class CliError(Exception):
     pass
@@ -58,7 +64,25 @@ def api_url(explicit: str | None) -> str:
 
 
 def api_client(explicit_url: str | None) -> SeidraClient:
-    return SeidraClient(api_url(explicit_url))
+    return SeidraClient(api_url(explicit_url), api_key=api_key())
+
+
+def api_key() -> str | None:
+    """The API key from SEIDRA_API_KEY, or read from the file SEIDRA_API_KEY_FILE names; None without either."""
+    key, key_file = os.environ.get("SEIDRA_API_KEY"), os.environ.get("SEIDRA_API_KEY_FILE")
+    if key and key_file:
+        raise CliError("SEIDRA_API_KEY and SEIDRA_API_KEY_FILE are both set: set one of them")
+    if not key_file:
+        return key or None
+    try:
+        key = Path(key_file).read_text().strip()
+    except OSError as error:
+        raise CliError(f"SEIDRA_API_KEY_FILE: cannot read {key_file}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"SEIDRA_API_KEY_FILE: {key_file} is not a text file") from None
+    if not key:
+        raise CliError(f"SEIDRA_API_KEY_FILE: {key_file} is empty")
+    return key
 
 
 # ----- commands -----
@@ -416,6 +440,81 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> None:
     print(f"Database schema at revision {current_revision(url)}")
 
 
+# The columns of `seidra keys list`: everything about a key but its hash.
+KEY_FIELDS = (
+    "key_id", "user", "admin", "created_at", "expires_at", "revoked_at",
+    "max_waiting_realtime", "max_waiting_batch", "submissions_per_minute",
+)  # fmt: skip
+KEY_TIMES = ("created_at", "expires_at", "revoked_at")
+KEY_OVERRIDES = {"max_waiting_realtime": "realtime", "max_waiting_batch": "batch", "submissions_per_minute": "per-minute"}
+
+
+def _key_store() -> ApiKeyStore:
+    """The keys in SEIDRA's database, reached directly (no service needed), its schema upgraded first."""
+    from storage.api_keys import ApiKeyStore
+    from storage.database import upgrade
+    from storage.settings import StorageSettings
+
+    url = StorageSettings().database_url
+    upgrade(url)
+    return ApiKeyStore(url)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from storage.api_keys import KeyLimits
+
+    limits = KeyLimits(args.max_waiting_realtime, args.max_waiting_batch, args.submissions_per_minute)
+    try:
+        created = _key_store().create(args.user, admin=args.admin, expires_in_days=args.expires, limits=limits)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    # The key alone on stdout (`seidra keys create ... > key-file` makes a SEIDRA_API_KEY_FILE); the rest on stderr.
+    print(created.key)
+    record = created.record
+    scope = "admin" if record.admin else "user"
+    until = f"expires {_key_time(record.expires_at)}" if record.expires_at else "does not expire"
+    print(f"API key {record.key_id} ({scope} {record.user}, {until}). It is not shown again: keep it now.", file=sys.stderr)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    keys = [
+        {name: _key_time(getattr(key, name)) if name in KEY_TIMES else getattr(key, name) for name in KEY_FIELDS}
+        for key in _key_store().list()
+    ]
+    print(json.dumps(keys, indent=2) if args.json else format_keys_table(keys))
+
+
+def format_keys_table(keys: Sequence[dict[str, Any]]) -> str:
+    def overrides(key: dict[str, Any]) -> str:
+        return " ".join(f"{label}={key[name]}" for name, label in KEY_OVERRIDES.items() if key[name] is not None) or "-"
+
+    rows = [("key id", "user", "admin", "created", "expires", "revoked", "overrides")]
+    rows += [
+        (key["key_id"], key["user"], "yes" if key["admin"] else "no",
+         *(key[name] or "-" for name in KEY_TIMES), overrides(key))
+        for key in keys
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from storage.api_keys import KeyNotFound
+
+    try:
+        key = _key_store().revoke(args.key_id)
+    except KeyNotFound as error:
+        raise CliError(str(error)) from None
+    print(f"API key {key.key_id} ({key.user}) is revoked since {_key_time(key.revoked_at)}")
+
+
+def _key_time(moment: datetime | None) -> str | None:
+    """A key's timestamp in UTC, to the second."""
+    from storage.jobs import as_utc
+
+    return None if moment is None else as_utc(moment).isoformat(timespec="seconds")
+
+
 # ----- argument parsing -----
 
 
@@ -423,6 +522,22 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days >= 1")
     return int(text)
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days > 0")
+    return days
 
 
 def _batch_id(text: str) -> str:
@@ -534,6 +649,25 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="Database schema.")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("upgrade", help="Apply Alembic migrations.").set_defaults(handler=cmd_db_upgrade)
+
+    keys = commands.add_parser("keys", help="API keys, in the database directly: works before `seidra up`.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="Make a key and print it, this once: only its hash is stored.")
+    create.set_defaults(handler=cmd_keys_create)
+    create.add_argument("--user", required=True, help="Who the key acts as: owns the jobs it submits (letters, digits, _.@-).")
+    create.add_argument("--admin", action="store_true", help="Admin scope: /admin/*, cleanup, every user's jobs.")
+    create.add_argument("--expires", type=_days, metavar="DAYS", help="Stop accepting the key after DAYS (default: never).")
+    for setting in ("max_waiting_realtime", "max_waiting_batch", "submissions_per_minute"):
+        create.add_argument(
+            f"--{setting.replace('_', '-')}", type=_at_least_one, metavar="N",
+            help=f"This key's own limit instead of SEIDRA_USER_{setting.upper()}.",
+        )  # fmt: skip
+    listing = key_commands.add_parser("list", help="Every key, revoked and expired ones included; never their hashes.")
+    listing.set_defaults(handler=cmd_keys_list)
+    listing.add_argument("--json", action="store_true", help="Print JSON.")
+    revoke = key_commands.add_parser("revoke", help="Refuse a key from now on.")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+    revoke.add_argument("key_id", metavar="KEY_ID", help="The key's id, from `seidra keys list` (the part after seidra_).")
     return parser
 
 

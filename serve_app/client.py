@@ -1,7 +1,8 @@
 """A small typed client for SEIDRA's HTTP API, used by the `seidra` CLI, `make demo` and `make drill`.
 
 Errors, HTTP or network, become one `ApiError` whose text is one line for the operator; it keeps the
-status code and `Retry-After` for callers that want to act on them.
+status code and `Retry-After` for callers that want to act on them. With an API key, every request
+carries `Authorization: Bearer <key>`; the key is never part of an error's text.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # than RETRY_AFTER_CAP_S are the caller's to decide on.
 GET_RETRIES = 3
 RETRY_AFTER_CAP_S = 30.0
+# What to do about a refused key, after the server's own message.
+AUTH_HINTS = {
+    401: "set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to a valid API key; an admin makes one with `seidra keys create`",
+    403: "this needs an admin API key: set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to one",
+}
 
 
 class ApiError(Exception):
@@ -42,11 +48,13 @@ class SeidraClient:
         get_retries: int = GET_RETRIES,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._get_retries = get_retries
         self._sleep = sleep
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport, headers=headers)
 
     def __enter__(self) -> SeidraClient:
         return self
@@ -63,8 +71,10 @@ class SeidraClient:
     def get_bytes(self, path: str) -> bytes:
         return self._send("GET", path).content
 
-    def post(self, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
-        return self._send("POST", path, json=json, params=params).json()
+    def post(
+        self, path: str, *, json: Any = None, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
+        return self._send("POST", path, json=json, params=params, headers=headers).json()
 
     def delete(self, path: str, *, params: dict[str, Any] | None = None) -> Any:
         return self._send("DELETE", path, params=params).json()
@@ -99,8 +109,9 @@ class SeidraClient:
 
 def _api_error(method: str, path: str, response: httpx.Response) -> ApiError:
     message = _server_message(response)
+    hint = f"; {AUTH_HINTS[response.status_code]}" if response.status_code in AUTH_HINTS else ""
     return ApiError(
-        f"{method} {path} failed with HTTP {response.status_code}: {message}",
+        f"{method} {path} failed with HTTP {response.status_code}: {message}{hint}",
         status_code=response.status_code,
         message=message,
         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
