@@ -50,6 +50,20 @@ class Seidra:
                 pids.append(int(cmdline.parent.name))
         return pids
 
+    def session_dir(self) -> Path:
+        """The Ray session folder of this test's head (its logs, the jobs' working dirs), from its
+        raylet's command line: other Ray clusters on the host have folders of their own there."""
+        gcs_address = re.compile(rf"--gcs-address=\S+:{self.gcs_port}$")
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue  # gone meanwhile
+            folders = [arg.removeprefix("--session_dir=") for arg in argv if arg.startswith("--session_dir=")]
+            if folders and any(gcs_address.match(arg) for arg in argv):
+                return Path(folders[0])
+        raise AssertionError(f"no raylet of the Ray head on GCS port {self.gcs_port} is running")
+
 
 def error_line(done: subprocess.CompletedProcess[str]) -> str:
     """`seidra`'s own error: the last line on stderr (Ray's client logs its connection above it)."""

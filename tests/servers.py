@@ -346,6 +346,37 @@ class PostgresServer:
             admin.dispose()
         return url.set(database=name).render_as_string(hide_password=False)
 
+    def database_with_password(self, name: str, password: str) -> str:
+        """The URL of a new database owned by a new role `name` that must sign in with `password`.
+
+        The private cluster trusts every local connection; a rule ahead of that one makes this role
+        prove its password (scram-sha-256) on this database, so a URL without it cannot connect.
+        """
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(self.url)
+        admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:
+                # Identifiers cannot be bound parameters; the password is quoted as a literal.
+                quoted = connection.dialect.identifier_preparer.quote(name)
+                literal = "'" + password.replace("'", "''") + "'"
+                connection.execute(sa.text("SET password_encryption = 'scram-sha-256'"))
+                connection.execute(sa.text(f"CREATE ROLE {quoted} LOGIN PASSWORD {literal}"))
+                connection.execute(sa.text(f"CREATE DATABASE {quoted} OWNER {quoted}"))
+                if self.process is not None:
+                    self._require_password(name)
+                    connection.execute(sa.text("SELECT pg_reload_conf()"))
+        finally:
+            admin.dispose()
+        return url.set(database=name, username=name, password=password).render_as_string(hide_password=False)
+
+    def _require_password(self, role: str) -> None:
+        assert self.process is not None
+        datadir = Path(self.process.argv[self.process.argv.index("-D") + 1])
+        rules = datadir / "pg_hba.conf"
+        rules.write_text(f"host {role} {role} {LOCALHOST}/32 scram-sha-256\n" + rules.read_text())
+
 
 @contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
@@ -522,16 +553,17 @@ def _external_s3() -> S3Server | None:
 
 
 @contextmanager
-def s3_server() -> Iterator[S3Server]:
-    """Yield credentials for a private SeaweedFS S3 endpoint on 127.0.0.1."""
+def s3_server(access_key: str | None = None, secret_key: str | None = None) -> Iterator[S3Server]:
+    """Yield credentials for a private SeaweedFS S3 endpoint on 127.0.0.1: these keys, else random
+    ones. An external server (SEIDRA_TEST_S3_ENDPOINT) keeps its own."""
     external = _external_s3()
     if external is not None:
         yield external
         return
 
     weed = find_weed()
-    access_key = "SEIDRA" + secrets.token_hex(7).upper()
-    secret_key = secrets.token_hex(20)
+    access_key = access_key or "SEIDRA" + secrets.token_hex(7).upper()
+    secret_key = secret_key or secrets.token_hex(20)
     with ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="seidra-s3-"))
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)

@@ -1,66 +1,96 @@
-"""Batches as Ray jobs: `python -m serve_app.batch` submitted through the Ray Jobs API."""
+"""Batches as Ray jobs: `python -m serve_app.batch`, a client of the HTTP API with the caller's key,
+submitted through the Ray Jobs API; the key never travels with the job."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from serve_app.batch import idempotency_key, manifest, read_items, submit, wait
 from serve_app.batch import main as batch_main
+from serve_app.cli import batch_entrypoint
+from serve_app.client import SeidraClient
 from tests.ray_app import RunningApp
 
+KITES = [
+    {"prompt": "a red kite", "width": 64, "height": 64, "num_inference_steps": 4},
+    {"prompt": "a blue kite", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 5},
+    {"prompt": "a green kite", "width": 64, "height": 64, "num_inference_steps": 4},
+]
 
-def run_ray_job(app: RunningApp, folder: Path, arguments: str) -> str:
+
+def key_file(app: RunningApp, folder: Path, user: str) -> tuple[str, Path]:
+    """A fresh user's key, in a file only its owner reads (what an operator hands the driver)."""
+    key = app.key_for(user)
+    path = folder / f"{user}.key"
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key, path
+
+
+def run_ray_job(app: RunningApp, folder: Path, entrypoint: str, secret: str) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(app.dashboard_url)
-    job_id = client.submit_job(entrypoint=f"python -m serve_app.batch {arguments}", runtime_env={"working_dir": str(folder)})
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(folder)})
     deadline = time.monotonic() + 240
     while not (status := client.get_job_status(job_id)).is_terminal():
         assert time.monotonic() < deadline, f"Ray job {job_id} still {status}"
         time.sleep(1)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
+    assert_not_shown(client.get_job_info(job_id), secret)
     return logs
 
 
-def summary(logs: str) -> dict:
+def assert_not_shown(info: Any, secret: str) -> None:
+    """What the dashboard shows of a Ray job (entrypoint, runtime env, metadata) holds no key."""
+    assert secret not in json.dumps(info.__dict__, default=str)
+
+
+def summary(logs: str) -> dict[str, Any]:
     return json.loads(logs[logs.index('{\n  "batch_id"') :])
 
 
 def test_a_batch_file_runs_as_a_ray_job_and_a_second_submission_creates_nothing(app: RunningApp, tmp_path: Path) -> None:
+    user = f"batch-{uuid.uuid4().hex[:8]}"
+    key, keys = key_file(app, tmp_path, user)
     prompts = tmp_path / "prompts.jsonl"
-    lines = [
-        {"prompt": "a red kite", "width": 64, "height": 64, "num_inference_steps": 4},
-        {"prompt": "a blue kite", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 5},
-        {"prompt": "a green kite", "width": 64, "height": 64, "num_inference_steps": 4},
-    ]
-    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    prompts.write_text("\n".join(json.dumps(line) for line in KITES) + "\n")
     batch_id = str(uuid.uuid4())
+    written = tmp_path / "out" / "manifest.json"
+    arguments = f"python -m serve_app.batch prompts.jsonl --batch-id {batch_id} --api-key-file {keys}"
 
-    logs = run_ray_job(app, tmp_path, f"prompts.jsonl --batch-id {batch_id}")
-    assert "3 job(s) submitted, 0 already known" in logs
+    logs = run_ray_job(app, tmp_path, f"{arguments} --manifest {written}", key)
+    assert "3 job(s) queued in 1 request(s)" in logs
     assert f"batch {batch_id}" in logs and "3/3" in logs  # the progress bar
     result = summary(logs)
     assert result["counts"] == {"completed": 3}
     assert [entry["prompt"] for entry in result["manifest"]] == ["a red kite", "a blue kite", "a green kite"]
-    manifest = json.loads(app.media.get(result["manifest_key"]))
-    assert manifest == result["manifest"]
-    assert all(app.media.exists(entry["object_key"]) for entry in manifest)
-    jobs = app.http.get("/jobs", params={"batch_id": batch_id}).json()
-    assert {(job["lane"], job["priority"]) for job in jobs} == {("batch", 8)}
+    assert json.loads(written.read_text()) == result["manifest"]
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert all(app.media.exists(entry["result_key"]) for entry in result["manifest"])
+    with app.client(key) as own:
+        jobs = [own.get(f"/jobs/{entry['job_id']}").json() for entry in result["manifest"]]
+        assert {(job["lane"], job["priority"], job["seed"] == 5) for job in jobs} == {
+            ("batch", 8, False), ("batch", 8, True),
+        }  # fmt: skip
 
-    again = run_ray_job(app, tmp_path, f"prompts.jsonl --batch-id {batch_id}")
-    assert "0 job(s) submitted, 3 already known" in again
-    assert len(app.http.get("/jobs", params={"batch_id": batch_id}).json()) == 3
+        again = summary(run_ray_job(app, tmp_path, arguments, key))
+        assert [entry["job_id"] for entry in again["manifest"]] == [entry["job_id"] for entry in result["manifest"]]
+        assert len(own.get("/jobs", params={"limit": 1000}).json()) == 3  # the user's own: nothing made twice
 
 
 def test_plain_text_prompts_and_bad_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from serve_app.batch import read_items
-
     text = tmp_path / "prompts.txt"
     text.write_text("a lighthouse\n\na fox in the snow\n")
     assert [item.prompt for item in read_items(text)] == ["a lighthouse", "a fox in the snow"]
@@ -71,15 +101,81 @@ def test_plain_text_prompts_and_bad_lines(tmp_path: Path, capsys: pytest.Capture
     assert capsys.readouterr().err.strip() == f"batch: error: {bad}:2: width: Value error, must be a multiple of 8, got 100"
 
 
+def test_chunks_carry_keys_of_the_batch_and_wait_out_full_queues(tmp_path: Path) -> None:
+    """Against canned answers: one Idempotency-Key per chunk, the same when a 429 is retried; jobs
+    are matched to lines by the order of each chunk's `job_ids`."""
+    sent: list[tuple[str, list[str]]] = []
+    answers = iter([httpx.Response(429, json={"detail": "the batch lane is full"}, headers={"Retry-After": "0"})])
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            prompts = [item["prompt"] for item in json.loads(request.content)["items"]]
+            sent.append((request.headers["Idempotency-Key"], prompts))
+            refusal = next(answers, None)
+            if refusal is not None:
+                return refusal
+            chunk = len(sent)
+            return httpx.Response(202, json={"batch_id": f"b{chunk}", "job_ids": [f"{p}-job" for p in prompts], "jobs": []})
+        chunk_prompts = {f"b{index}": prompts for index, (_key, prompts) in enumerate(sent, 1)}
+        listed = chunk_prompts[request.url.params["batch_id"]]
+        return httpx.Response(200, json=[{"id": f"{p}-job", "status": "completed", "result_key": f"{p}.png"} for p in listed])
+
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
+    items = read_items(tmp_path / "p.txt")
+    with SeidraClient("http://seidra.test", transport=httpx.MockTransport(api), sleep=lambda _s: None) as client:
+        chunks = submit(client, items, 8, "B", chunk_size=2)
+        entries = manifest(items, chunks, wait(client, chunks, "B"))
+    assert sent == [
+        (idempotency_key("B", 0), ["one", "two"]),  # refused with 429, then sent again with the same key
+        (idempotency_key("B", 0), ["one", "two"]),
+        (idempotency_key("B", 1), ["three"]),
+    ]
+    assert [(e["prompt"], e["job_id"], e["result_key"]) for e in entries] == [
+        ("one", "one-job", "one.png"), ("two", "two-job", "two.png"), ("three", "three-job", "three.png"),
+    ]  # fmt: skip
+
+
+def test_the_driver_needs_a_valid_key(
+    app: RunningApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SEIDRA_API_KEY", raising=False)
+    monkeypatch.delenv("SEIDRA_API_KEY_FILE", raising=False)
+    (tmp_path / "p.txt").write_text("a kite\n")
+    assert batch_main([str(tmp_path / "p.txt"), "--url", app.url]) == 2
+    assert "POST /generation/batch failed with HTTP 401" in capsys.readouterr().err
+    assert batch_main([str(tmp_path / "p.txt"), "--url", app.url, "--api-key-file", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"batch: error: --api-key-file: cannot read {tmp_path / 'none'}: No such file or directory"
+
+
+def test_the_entrypoint_quotes_every_argument_and_runs_nothing(tmp_path: Path) -> None:
+    """Ray runs a job's entrypoint through a shell: a stand-in `python` records the argv it gets."""
+    name = "a b $(touch x).txt"
+    keys = tmp_path / "my keys" / "key;touch y"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg"; done\n')
+    (bin_dir / "python").chmod(0o755)
+    entrypoint = batch_entrypoint(name, "B", "low", keys, "http://h:8000/?a=1&b=2")
+    ran = subprocess.run(entrypoint, shell=True, cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})  # fmt: skip
+    assert ran.stdout.splitlines() == [
+        "-m", "serve_app.batch", name, "--batch-id", "B", "--priority", "low",
+        "--api-key-file", str(keys), "--url", "http://h:8000/?a=1&b=2",
+    ]  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_seidra_batch_wraps_the_jobs_api(app: RunningApp, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from serve_app.cli import main as seidra
 
-    prompts = tmp_path / "prompts.txt"
+    key, keys = key_file(app, tmp_path, f"cli-{uuid.uuid4().hex[:8]}")
+    prompts = tmp_path / "a b $(touch x).txt"  # one argument, and nothing run
     prompts.write_text("a paper lantern\n")
-    assert seidra(["batch", str(prompts), "--address", app.dashboard_url, "--wait"]) == 0
+    assert seidra(["batch", str(prompts), "--address", app.dashboard_url, "--api-key-file", str(keys), "--wait"]) == 0
     out = capsys.readouterr().out
     assert "submitted as Ray job" in out and "ray job logs -f" in out
-    assert '"completed": 1' in out
+    assert '"completed": 1' in out and '"prompt": "a paper lantern"' in out
+    assert key not in out
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
@@ -88,27 +184,22 @@ def test_seidra_batch_wraps_the_jobs_api(app: RunningApp, tmp_path: Path, capsys
 
 
 def test_scripts_submit_batch_uses_plain_ray_job_submit(app: RunningApp, tmp_path: Path) -> None:
-    import os
-    import subprocess
-
-    prompts = tmp_path / "prompts.txt"
+    key, _keys = key_file(app, tmp_path, f"script-{uuid.uuid4().hex[:8]}")
+    prompts = tmp_path / "two prompts.txt"
     prompts.write_text("a glass of water\na bowl of cherries\n")
     script = Path(__file__).parents[2] / "scripts" / "submit-batch.sh"
-    batch_id = str(uuid.uuid4())
     done = subprocess.run(
-        [str(script), str(prompts), "--batch-id", batch_id],
-        capture_output=True, text=True, timeout=300,
+        # A key file relative to here: the script makes it absolute for the driver's own working dir.
+        [str(script), prompts.name, "--api-key-file", _keys.name],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "RAY_API_SERVER_ADDRESS": app.dashboard_url},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert '"completed": 2' in done.stdout
-    assert len(app.http.get("/jobs", params={"batch_id": batch_id}).json()) == 2
+    assert '"completed": 2' in done.stdout and key not in done.stdout + done.stderr
 
 
 def test_the_operators_ray_commands(app: RunningApp, tmp_path: Path) -> None:
     """What the README tells an operator to run, against the test cluster."""
-    import subprocess
-
     from ray.job_submission import JobSubmissionClient
 
     def ray_cli(*args: str) -> str:
@@ -116,12 +207,13 @@ def test_the_operators_ray_commands(app: RunningApp, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 
+    _key, keys = key_file(app, tmp_path, f"operator-{uuid.uuid4().hex[:8]}")
     (tmp_path / "prompts.txt").write_text("a teapot\n")
     job_id = JobSubmissionClient(app.dashboard_url).submit_job(
-        entrypoint="python -m serve_app.batch prompts.txt", runtime_env={"working_dir": str(tmp_path)}
+        entrypoint=f"python -m serve_app.batch prompts.txt --api-key-file {keys}", runtime_env={"working_dir": str(tmp_path)}
     )
     logs = ray_cli("ray", "job", "logs", "-f", job_id, "--address", app.dashboard_url)
-    assert "1 job(s) submitted" in logs and '"completed": 1' in logs
+    assert "1 job(s) queued" in logs and '"completed": 1' in logs
     assert job_id in ray_cli("ray", "job", "list", "--address", app.dashboard_url)
     status = ray_cli("serve", "status", "--address", app.dashboard_url)
     assert "seidra:" in status and "DiffusionWorker" in status and "RUNNING" in status
