@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.cluster import process_started_ticks
+from serve_app.cluster import auth_off_refusal, process_started_ticks
 from tests.seidra_command import SEIDRA, Seidra, error_line
 
 
@@ -28,6 +28,14 @@ def test_an_unknown_setting_is_refused_before_ray_starts(seidra: Seidra) -> None
     assert "SEIDRA_API_URL" not in line  # the CLI's own variable, never forwarded to the application
     assert "Starting a local Ray head" not in done.stdout
     assert seidra.state() is None
+
+
+def test_no_keys_beyond_loopback_is_refused_before_ray_starts(seidra: Seidra) -> None:
+    done = seidra.up("--http-host", "0.0.0.0", SEIDRA_AUTH="off", timeout_s=120)
+    assert done.returncode == 1
+    assert error_line(done) == f"seidra: error: {auth_off_refusal('0.0.0.0')}"
+    assert "Starting a local Ray head" not in done.stdout
+    assert seidra.state() is None and seidra.leftovers() == []
 
 
 def test_a_failed_deployment_ends_up_at_once_with_serves_reason(seidra: Seidra) -> None:
