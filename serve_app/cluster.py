@@ -50,6 +50,7 @@ HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
 WORKERS_TIMEOUT_S = 300.0
 POLL_S = 1.0
+ROUTER_STATUS_TIMEOUT_S = 5.0
 # Serve's ApplicationStatus and DeploymentStatus values after which it stops trying on its own.
 SERVE_FAILED_STATUSES = ("DEPLOY_FAILED", "UNHEALTHY")
 # The last exception of a traceback: `ValueError: ...`, `ray.exceptions.RayTaskError(RuntimeError): ...`.
@@ -357,12 +358,14 @@ def deploy(address: str, http_host: str, http_port: int, timeout_s: float, worke
     import ray
 
     context = ray.init(address=address, log_to_driver=False)
-    dashboard_url = f"http://{context.dashboard_url}"
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    ray.shutdown()
-    if not cluster_gpus:
-        print("No GPU in this Ray cluster: worker replicas run on the CPU.")
-    return deploy_serve_config(dashboard_url, http_host, http_port, cluster_gpus, timeout_s, workers_timeout_s)
+    try:  # connected until the workers are ready: their state is asked of the router through Ray
+        dashboard_url = f"http://{context.dashboard_url}"
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        if not cluster_gpus:
+            print("No GPU in this Ray cluster: worker replicas run on the CPU.")
+        return deploy_serve_config(dashboard_url, http_host, http_port, cluster_gpus, timeout_s, workers_timeout_s)
+    finally:
+        ray.shutdown()
 
 
 def deploy_serve_config(
@@ -376,7 +379,8 @@ def deploy_serve_config(
     """`serve deploy` the Serve config (with this shell's settings) through the dashboard at `dashboard_url`.
 
     Returns the base URL once the application answers and a worker replica is usable; fails as soon
-    as Serve gives up on the application, with Serve's reason (or the workers' own).
+    as Serve gives up on the application, with Serve's reason (or the workers' own). The caller is
+    connected to the cluster's Ray: the workers' state comes from the router, with no API key.
     """
     derived = seidra_home() / "run" / "serve_config.yaml"
     write_private(derived, yaml.safe_dump(serve_config(http_host, http_port, cluster_gpus), sort_keys=False))
@@ -391,7 +395,7 @@ def deploy_serve_config(
         print(f"Waiting for the application to answer on {url} (up to {timeout_s:.0f} s)...")
         wait_until_healthy(api, serve_app.state, timeout_s)
         print(f"Waiting for a usable worker replica (up to {workers_timeout_s:.0f} s)...")
-        wait_for_workers(api, serve_app.state, workers_timeout_s)
+        wait_for_workers(router_status, serve_app.state, workers_timeout_s)
     return url
 
 
@@ -471,8 +475,25 @@ def wait_until_healthy(
     )
 
 
+def router_status(app_name: str = SERVE_APP_NAME) -> dict[str, Any] | None:
+    """The router's own view, replicas included, asked through Ray by a connected operator's process
+    (with authentication on, `GET /status` would need an admin key). None until the router answers."""
+    import ray
+
+    from scheduling.router_lookup import get_router
+
+    try:
+        status: dict[str, Any] = ray.get(get_router(app_name).status.remote(), timeout=ROUTER_STATUS_TIMEOUT_S)
+    except (ValueError, ray.exceptions.RayError):  # not created yet, (re)starting, busy
+        return None
+    return status
+
+
 def wait_for_workers(
-    api: SeidraClient, serve_state: Callable[[], ServeAppState | None], timeout_s: float, poll_s: float = POLL_S
+    router_status: Callable[[], dict[str, Any] | None],
+    serve_state: Callable[[], ServeAppState | None],
+    timeout_s: float,
+    poll_s: float = POLL_S,
 ) -> None:
     """Until a worker replica is usable (its model loaded, its GPU fit for work).
 
@@ -482,10 +503,7 @@ def wait_for_workers(
     deadline = time.monotonic() + timeout_s
     workers: list[dict[str, Any]] = []  # the last ones reported: the router forgets replicas that stop reporting
     while time.monotonic() < deadline:
-        try:
-            status = api.get("/status")
-        except ApiError:  # a 503 while the router (re)starts, say: not ready yet
-            status = None
+        status = router_status()
         if status is not None:
             if status.get("usable_slots", 0) >= 1 or any(worker.get("usable") for worker in status["workers"]):
                 return

@@ -64,7 +64,7 @@ class RunningApp:
     jobs: JobStore
     media: ObjectStore
     traces: OtlpCollector  # what every process of the app exported
-    notifications: NotificationService
+    notifier: NotificationService  # writes notifications straight to the database
     keys: ApiKeyStore
     admin_key: str  # `http` sends it with every request
 

@@ -141,8 +141,8 @@ def test_lists_hold_only_the_callers_rows_and_owner_filters_are_for_admins(
     only_ann = people.admin.get("/jobs", params={"owner": "ann", "limit": 1000}).json()
     assert only_ann and {job["owner"] for job in only_ann} == {"ann"}
 
-    app.notifications.notify(ann_id, Level.INFO, "for ann")
-    app.notifications.notify(bob_id, Level.INFO, "for bob")
+    app.notifier.notify(ann_id, Level.INFO, "for ann")
+    app.notifier.notify(bob_id, Level.INFO, "for bob")
     assert {n["message"] for n in people.ann.get("/notifications").json()} >= {"for ann"}
     assert "for bob" not in {n["message"] for n in people.ann.get("/notifications").json()}
     assert people.bob.get("/notifications", params={"job_id": ann_id}).json() == []

@@ -269,8 +269,14 @@ def status_answers(*answers: httpx.Response) -> SeidraClient:
     return client(lambda _request: queue.pop(0) if len(queue) > 1 else queue[0])
 
 
-def status(*workers: dict[str, Any]) -> httpx.Response:
-    return httpx.Response(200, json={"usable_slots": sum(w["usable"] for w in workers), "workers": list(workers)})
+def router_says(*answers: dict[str, Any] | None) -> Callable[[], dict[str, Any] | None]:
+    """The router's status in turn, then the last one again; None: it does not answer (yet)."""
+    queue = list(answers)
+    return lambda: queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+def status(*workers: dict[str, Any]) -> dict[str, Any]:
+    return {"usable_slots": sum(w["usable"] for w in workers), "workers": list(workers)}
 
 
 def serve_says(state: ServeAppState | None) -> Callable[[], ServeAppState | None]:
@@ -282,15 +288,15 @@ NOT_LOADED = "model not loaded: OSError: Error no file named model_index.json fo
 
 
 def test_a_usable_worker_ends_the_wait() -> None:
-    restarting = httpx.Response(503, json={"detail": "the router is restarting"})  # not ready yet, not a failure
-    api = status_answers(restarting, status(worker("r1", False, NOT_LOADED)), status(worker("r1", False), worker("r2", True)))
-    wait_for_workers(api, serve_says(DEPLOYING), timeout_s=10, poll_s=0)
+    restarting = None  # not ready yet, not a failure
+    router = router_says(restarting, status(worker("r1", False, NOT_LOADED)), status(worker("r1", False), worker("r2", True)))
+    wait_for_workers(router, serve_says(DEPLOYING), timeout_s=10, poll_s=0)
 
 
 def test_workers_that_never_become_usable_are_named_with_their_reasons() -> None:
-    api = status_answers(status(worker("r1", False, NOT_LOADED), worker("r2", False, "")))
+    router = router_says(status(worker("r1", False, NOT_LOADED), worker("r2", False, "")))
     with pytest.raises(ClusterError) as raised:
-        wait_for_workers(api, serve_says(DEPLOYING), timeout_s=0.2, poll_s=0.01)
+        wait_for_workers(router, serve_says(DEPLOYING), timeout_s=0.2, poll_s=0.01)
     assert str(raised.value) == (
         f"no worker replica became usable within 0 s: replica r1 offline/unhealthy: {NOT_LOADED}; "
         "replica r2 offline/unhealthy: no reason given"
@@ -301,7 +307,7 @@ def test_no_worker_at_all_is_explained_with_what_serve_says() -> None:
     unscheduled = "DiffusionWorker: Deployment 'DiffusionWorker' has 1 replicas that have taken more than 30s to be scheduled."
     with pytest.raises(ClusterError) as raised:
         wait_for_workers(
-            status_answers(status()), serve_says(ServeAppState("DEPLOYING", unscheduled)), timeout_s=0.1, poll_s=0.01
+            router_says(status()), serve_says(ServeAppState("DEPLOYING", unscheduled)), timeout_s=0.1, poll_s=0.01
         )
     assert str(raised.value).startswith("no worker replica reported within 0 s (not enough GPUs or CPUs")
     assert str(raised.value).endswith(f"; Serve says: {unscheduled}; see `serve status`")
@@ -313,10 +319,10 @@ def test_serve_giving_up_ends_the_wait_at_once() -> None:
         "Serve could not deploy the application (DEPLOY_FAILED): DiffusionWorker: RuntimeError: replica r1 is unhealthy"
     )
     with pytest.raises(ClusterError) as raised:
-        wait_for_workers(status_answers(status(worker("r1", False, NOT_LOADED))), failed, timeout_s=60, poll_s=0)
+        wait_for_workers(router_says(status(worker("r1", False, NOT_LOADED))), failed, timeout_s=60, poll_s=0)
     assert str(raised.value) == f"no worker replica is usable: replica r1 offline/unhealthy: {NOT_LOADED} (Serve: DEPLOY_FAILED)"
     with pytest.raises(ClusterError) as raised:
-        wait_for_workers(status_answers(httpx.Response(503)), failed, timeout_s=60, poll_s=0)
+        wait_for_workers(router_says(None), failed, timeout_s=60, poll_s=0)
     assert str(raised.value) == serve_reason
     with pytest.raises(ClusterError) as raised:
         wait_until_healthy(status_answers(httpx.Response(503)), failed, timeout_s=60, poll_s=0)
