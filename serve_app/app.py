@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from opentelemetry import trace
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
@@ -241,7 +241,7 @@ class SeidraAPI:
         principal: Caller,
         request: GenerationRequest,
         response: Response,
-        wait: StrictBool = False,
+        wait: bool = False,
         idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
     ) -> JobView:
         """Queue one image (realtime lane by default). The same `Idempotency-Key` with the same body
@@ -314,7 +314,7 @@ class SeidraAPI:
         lane: Lane | None = None,
         batch_id: uuid.UUID | None = None,
         owner: Annotated[str | None, Query(max_length=64, description="Admins: that user's jobs only.")] = None,
-        limit: Annotated[StrictInt, Query(ge=1, le=1000)] = 50,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> list[JobView]:
         """The caller's jobs, newest first (an admin's: everyone's, or `owner`'s)."""
         jobs = await asyncio.to_thread(
@@ -352,7 +352,7 @@ class SeidraAPI:
         self,
         principal: Caller,
         job_id: uuid.UUID,
-        countdown_s: Annotated[StrictFloat, Query(ge=0, le=86_400)] = 0.0,
+        countdown_s: Annotated[float, Query(ge=0, le=86_400)] = 0.0,
     ) -> JobView:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`."""
         retried = await _router_call(self._router.retry.remote(str(job_id), countdown_s, owner_scope(principal)))
@@ -365,7 +365,7 @@ class SeidraAPI:
         job_id: uuid.UUID | None = None,
         level: Level | None = None,
         owner: Annotated[str | None, Query(max_length=64, description="Admins: that user's notifications only.")] = None,
-        limit: Annotated[StrictInt, Query(ge=1, le=1000)] = 50,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> list[NotificationView]:
         """The caller's notifications, newest first (an admin's: everyone's, or `owner`'s)."""
         rows = await asyncio.to_thread(
