@@ -29,9 +29,13 @@ def traced(otlp_collector: OtlpCollector) -> dict[str, str]:
 
 @contextlib.contextmanager
 def api(seidra: Seidra) -> Iterator[httpx.Client]:
+    """An operator's client, with an admin key made as the README says (`seidra keys create`)."""
     state = seidra.state()
     assert state is not None and state["status"] == "up"
-    with httpx.Client(base_url=state["url"], timeout=60) as client:
+    made = seidra.run("keys", "create", "--user", "operator", "--admin")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    with httpx.Client(base_url=state["url"], timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
         yield client
 
 
