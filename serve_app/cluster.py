@@ -46,6 +46,7 @@ CLI_ONLY_VARIABLES = ("SEIDRA_API_URL", "SEIDRA_DEBUG", "SEIDRA_API_KEY", "SEIDR
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 LOOPBACK_NAMES = ("localhost",)
+RAY_AGENT_PORT = 52365  # `ray start --dashboard-agent-listen-port`'s default
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 30.0
 WORKERS_TIMEOUT_S = 300.0
@@ -198,15 +199,30 @@ def process_started_ticks(pid: int) -> str | None:
 
 
 def _check_port_free(port: int, what: str) -> None:
+    if not _port_free(port):
+        raise ClusterError(f"{what} port {port} is in use (another Ray cluster?): choose another port or stop that cluster")
+
+
+def _port_free(port: int) -> bool:
     with socket.socket() as probe:
         # As servers do: a port left in TIME_WAIT by a cluster that just stopped is free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("", port))
         except OSError:
-            raise ClusterError(
-                f"{what} port {port} is in use (another Ray cluster?): choose another port or stop that cluster"
-            ) from None
+            return False
+        return True
+
+
+def _agent_port() -> int:
+    """Ray's default port for the head's dashboard agent, or a free one while another Ray cluster on
+    this host holds it: the Jobs API finds the agent through the GCS, and without one it takes no job."""
+    if _port_free(RAY_AGENT_PORT):
+        return RAY_AGENT_PORT
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def launch_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_file: Path) -> subprocess.Popen[bytes]:
@@ -218,6 +234,7 @@ def launch_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fi
         _executable("ray"), "start", "--head", "--block",
         f"--port={gcs_port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={_agent_port()}",
     ]  # fmt: skip
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
