@@ -29,6 +29,7 @@ from serve_app.cluster import (
     ClusterError,
     UpState,
     base_url,
+    check_auth_binding,
     check_settings,
     deploy,
     forwarded_env,
@@ -95,6 +96,7 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     use_token_auth()  # first of all: Ray reads RAY_AUTH_MODE once, when something imports it
     check_settings(forwarded_env())  # before SEIDRA_MODEL: SEIDRA_MODLE=... deserves its own answer
+    check_auth_binding(args.http_host)
     try:
         WorkerSettings().require_model()
     except ValueError as error:
@@ -353,7 +355,11 @@ def cmd_notifications(args: argparse.Namespace) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    """Submit a prompts file as a Ray job running `python -m serve_app.batch` in the cluster."""
+    """Submit a prompts file as a Ray job running `python -m serve_app.batch` in the cluster.
+
+    The API key never travels with the job (the dashboard shows its entrypoint and runtime env):
+    the driver reads the file `--api-key-file` names, or the cluster's own SEIDRA_API_KEY.
+    """
     import shutil
     import tempfile
 
@@ -368,11 +374,13 @@ def cmd_batch(args: argparse.Namespace) -> None:
         raise CliError(str(error)) from None
     batch_id = args.batch_id or str(uuid.uuid4())
     address = jobs_api_address(args.address)
+    if args.api_key_file is None and (os.environ.get("SEIDRA_API_KEY") or os.environ.get("SEIDRA_API_KEY_FILE")):
+        print("Note: this shell's API key does not travel with the Ray job; give the driver one with --api-key-file PATH.")
     use_token_auth()
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory() as upload:  # the job's working dir: the prompts file alone
         shutil.copy(args.file, upload)
-        entrypoint = f"python -m serve_app.batch {args.file.name} --batch-id {batch_id} --priority {args.priority}"
+        entrypoint = batch_entrypoint(args.file.name, batch_id, args.priority, args.api_key_file, args.url)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": upload})
     print(f"Batch {batch_id} ({count} prompt(s)) submitted as Ray job {job_id}")
     print(f"Follow it with: ray job logs -f {job_id} --address {address}")
@@ -383,6 +391,19 @@ def cmd_batch(args: argparse.Namespace) -> None:
     print(client.get_job_logs(job_id))
     if status != RayJobStatus.SUCCEEDED:
         raise CliError(f"Ray job {job_id} ended {status.value}")
+
+
+def batch_entrypoint(file_name: str, batch_id: str, priority: str, api_key_file: Path | None, url: str | None) -> str:
+    """The driver's command line. Ray runs it through a shell: every argument is quoted, so a file
+    named `a b $(touch x).txt` is one argument and runs nothing."""
+    import shlex
+
+    command = ["python", "-m", "serve_app.batch", file_name, "--batch-id", batch_id, "--priority", priority]
+    if api_key_file is not None:  # the path, absolute: the driver runs in a working dir of its own
+        command += ["--api-key-file", str(api_key_file.expanduser().resolve())]
+    if url is not None:
+        command += ["--url", url]
+    return shlex.join(command)
 
 
 def jobs_api_address(explicit: str | None) -> str:
@@ -518,6 +539,16 @@ def _key_time(moment: datetime | None) -> str | None:
 # ----- argument parsing -----
 
 
+def _priority(text: str) -> int:
+    """The API takes a JSON integer or a name; a shell gives text: "3" is sent as 3."""
+    from scheduling.lanes import parse_priority
+
+    try:
+        return parse_priority(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days >= 1")
@@ -590,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--batch", action="store_true", help="Send it to the batch lane (/generation/batch).")
     submit.add_argument("--wait", action="store_true", help="Wait until the job ends.")
     submit.add_argument("--timeout", type=float, default=300, help="Seconds --wait waits (default 300).")
-    submit.add_argument("--priority", help="0-9 or high, normal, low.")
+    submit.add_argument("--priority", type=_priority, help="0-9 or high, normal, low.")
     submit.add_argument("--negative-prompt")
     submit.add_argument("--width", type=int)
     submit.add_argument("--height", type=int)
@@ -637,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-id", type=_batch_id, help="Resume or re-run this batch (default: a new id).")
     batch.add_argument("--priority", default="low", help="0-9 or high, normal, low (default low).")
     batch.add_argument("--wait", action="store_true", help="Wait for the Ray job and print its logs.")
+    batch.add_argument(
+        "--api-key-file", type=Path,
+        help="File holding the driver's API key, a path on the machine the driver runs on (default: its SEIDRA_API_KEY).",
+    )  # fmt: skip
+    batch.add_argument("--url", help="SEIDRA API base URL for the driver (default: the cluster's Serve HTTP proxy).")
 
     cleanup = command("cleanup", cmd_cleanup, "Archive, then remove, generated media older than --days.")
     cleanup.add_argument("--days", type=_positive_int, required=True, help="Keep media younger than this many days.")

@@ -500,10 +500,12 @@ def router_status(app_name: str = SERVE_APP_NAME) -> dict[str, Any] | None:
     from scheduling.router_lookup import get_router
 
     try:
-        status: dict[str, Any] = ray.get(get_router(app_name).status.remote(), timeout=ROUTER_STATUS_TIMEOUT_S)
+        status = ray.get(get_router(app_name).status.remote(), timeout=ROUTER_STATUS_TIMEOUT_S)
     except (ValueError, ray.exceptions.RayError):  # not created yet, (re)starting, busy
         return None
-    return status
+    # As `GET /status` shows it: enum members as their values, timestamps as text.
+    shown: dict[str, Any] = json.loads(json.dumps(status, default=str))
+    return shown
 
 
 def wait_for_workers(
