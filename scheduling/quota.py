@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduling.lanes import Lane
+from scheduling.retry_later import RetryLater
 
 SECONDS_PER_MINUTE = 60.0
 
@@ -23,17 +24,8 @@ class Quota:
     submissions_per_minute: int
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(RetryLater):
     """A user's submission goes beyond their quota; they should come back after `retry_after_s`."""
-
-    def __init__(self, reason: str, retry_after_s: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        # Crosses Ray actor boundaries: rebuild from the fields, not from the message.
-        return type(self), (self.reason, self.retry_after_s)
 
 
 @dataclass

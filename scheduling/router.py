@@ -28,6 +28,7 @@ from scheduling.hold import Backoff
 from scheduling.job_writer import STORAGE_OUTAGES, JobWriter
 from scheduling.lanes import Lane, lane_for
 from scheduling.quota import Quota
+from scheduling.retry_later import RetryLater
 from scheduling.router_lookup import ROUTER_NAMESPACE, get_router, router_name
 from scheduling.scheduler import (
     Action,
@@ -71,16 +72,8 @@ GAUGE_INTERVAL_S = 1.0
 ANSWER_TIMEOUT_S = 10.0
 
 
-class RouterUnavailable(Exception):
+class RouterUnavailable(RetryLater):
     """The router cannot take requests yet (recovering) or its database is unreachable: come back later."""
-
-    def __init__(self, reason: str, retry_after_s: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return type(self), (self.reason, self.retry_after_s)
 
 
 def scheduler_config(settings: RouterSettings) -> SchedulerConfig:
