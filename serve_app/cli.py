@@ -363,6 +363,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
     import shutil
     import tempfile
 
+    use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once
     from ray.job_submission import JobStatus as RayJobStatus
     from ray.job_submission import JobSubmissionClient
 
@@ -376,7 +377,6 @@ def cmd_batch(args: argparse.Namespace) -> None:
     address = jobs_api_address(args.address)
     if args.api_key_file is None and (os.environ.get("SEIDRA_API_KEY") or os.environ.get("SEIDRA_API_KEY_FILE")):
         print("Note: this shell's API key does not travel with the Ray job; give the driver one with --api-key-file PATH.")
-    use_token_auth()
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory() as upload:  # the job's working dir: the prompts file alone
         shutil.copy(args.file, upload)

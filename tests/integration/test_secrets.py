@@ -41,13 +41,14 @@ DASHBOARD_VIEWS = (
 DUMP_SERVE_KV = """
 import json, ray
 from ray.experimental import internal_kv
-from ray.serve._private.constants import SERVE_INTERNAL_KV_NAMESPACE
+from ray.serve._private.storage.kv_store import SERVE_INTERNAL_KV_NAMESPACE
 ray.init(address=__import__("sys").argv[1], log_to_driver=False)
 keys = internal_kv._internal_kv_list(b"", namespace=SERVE_INTERNAL_KV_NAMESPACE)
 print(json.dumps({key.hex(): (internal_kv._internal_kv_get(key, namespace=SERVE_INTERNAL_KV_NAMESPACE) or b"").hex()
                   for key in keys}))
 """
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+SIGV4_CREDENTIAL = "X-Amz-Credential="
 
 
 def sentinel(what: str) -> str:
@@ -84,7 +85,12 @@ class Seen:
                 self.texts[str(path)] = path.read_bytes()
 
     def where(self, secrets: dict[str, str]) -> list[str]:
-        return [f"{name} in {where}" for name, value in secrets.items() for where, text in self.texts.items() if value.encode() in text]
+        def found(value: str, text: bytes) -> bool:
+            # A presigned image URL names the S3 access key id (the secret key signs it), by design
+            # of SigV4: the job's owner gets one. Anywhere else the access key is a finding too.
+            return value.encode() in text.replace(f"{SIGV4_CREDENTIAL}{value}".encode(), b"")
+
+        return [f"{name} in {where}" for name, value in secrets.items() for where, text in self.texts.items() if found(value, text)]
 
 
 def every_route(api: httpx.Client, seen: Seen, schema: dict[str, Any], job_id: str) -> None:
@@ -185,7 +191,8 @@ def run_everything(seidra: Seidra, seen: Seen, state: dict[str, Any], user_key: 
     for view in DASHBOARD_VIEWS:
         assert seen.response(httpx.get(f"{dashboard}{view}", headers=headers, timeout=60)).status_code == 200, view
     dumped = subprocess.run([sys.executable, "-c", DUMP_SERVE_KV, state["address"]], env={**seidra.env, "RAY_AUTH_MODE": "token"},
-                            capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert dumped.returncode == 0, dumped.stderr[-3000:]
     records = json.loads(dumped.stdout.splitlines()[-1])
     assert records, "Serve keeps no record in the GCS?"
     for key, value in records.items():
