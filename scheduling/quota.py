@@ -28,9 +28,13 @@ class QuotaExceeded(RetryLater):
     """A user's submission goes beyond their quota; they should come back after `retry_after_s`."""
 
 
+class SubmissionTooLarge(ValueError):
+    """More jobs in one submission than the user may ever have unfinished: coming back will not help."""
+
+
 @dataclass
 class TokenBucket:
-    """`capacity` tokens, refilled at `per_minute` a minute; one submission takes one."""
+    """Up to `per_minute` tokens, refilled at `per_minute` a minute; one submission takes one."""
 
     per_minute: int
     tokens: float

@@ -14,9 +14,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from opentelemetry import trace
@@ -70,6 +70,7 @@ ROUTER_VERSION_TIMEOUT_S = 60.0
 RECOVERY_RETRY_MAX_S = 10.0
 GAUGE_INTERVAL_S = 1.0
 ANSWER_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 class RouterUnavailable(RetryLater):
@@ -181,7 +182,6 @@ class JobRouter:
         self,
         requests: list[dict[str, Any]],
         batch_id: str | None = None,
-        job_ids: list[str] | None = None,
         trace_context: tracing.Carrier | None = None,
         idempotency: IdempotencyClaim | None = None,
         owner: str = "",
@@ -191,31 +191,26 @@ class JobRouter:
         QuotaExceeded when `owner` would go beyond their quota (the settings' per-user limits with the
         overrides of their key, `limits`; None: no per-user quota, as when authentication is off).
 
-        With `job_ids` (one per request) jobs that exist already are left as they are, so a batch
-        driver submitting again creates nothing twice; with `idempotency` a request replayed under the
-        same key returns the jobs it created the first time (`created` False).
+        With `idempotency`, a request replayed under the same key returns the jobs it created the
+        first time (`created` False), and costs no room or quota.
         """
         self._require_ready()
-        ids: list[str | None] = list(job_ids) if job_ids else [None] * len(requests)
-        jobs = [self._new_job(request, batch_id, job_id, owner) for request, job_id in zip(requests, ids, strict=True)]
-        if job_ids:
-            existing = await asyncio.to_thread(self._jobs.existing_ids, job_ids)
-            jobs = [job for job in jobs if str(job.id) not in existing]
+        if idempotency is not None:
+            replayed = await self._stored_call(self._jobs.replay, idempotency)
+            if replayed is not None:
+                return replayed
+        jobs = [self._new_job(request, batch_id, owner) for request in requests]
         attributes = [_span_attributes(job) for job in jobs]
         with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
             for job, span in zip(jobs, spans, strict=True):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
             quota = None if limits is None else user_quota(self._settings, limits)
             reservation = self._core.reserve([Lane(job.lane) for job in jobs], owner, quota)
+            submission = None
             try:
-                submission = await asyncio.to_thread(self._jobs.submit, jobs, idempotency)
-            except STORAGE_OUTAGES as outage:
-                metrics.storage_errors().inc(tags={"call": "submit"})
-                raise RouterUnavailable(
-                    f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s
-                ) from None
+                submission = await self._stored_call(self._jobs.submit, jobs, idempotency)
             finally:
-                self._core.release(reservation)
+                self._core.release(reservation, stored=submission is not None and submission.created)
             if submission.created:
                 self._core.submit([job_spec(job) for job in submission.jobs])
         for job in submission.jobs if submission.created else ():
@@ -244,20 +239,34 @@ class JobRouter:
         self._wake.set()
         return await self._answer(written)
 
-    async def retry(self, job_id: str, countdown_s: float = 0.0, owner: str | None = None) -> GenerationJob:
+    async def retry(
+        self, job_id: str, countdown_s: float = 0.0, owner: str | None = None, limits: KeyLimits | None = None
+    ) -> GenerationJob:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
 
         Raises IllegalTransition for a running (between two slices too) or completed job, or one
-        already waiting normally; with `owner`, JobNotFound for another owner's job.
+        already waiting normally; with `owner`, JobNotFound for another owner's job. A retry is a
+        submission: QueueFullError or QuotaExceeded (with the caller's key `limits`) when it does not fit.
         """
         self._require_ready()
         job = await asyncio.to_thread(self._jobs.get, job_id, owner=owner)
+        quota = None if limits is None else user_quota(self._settings, limits)
         with tracing.job_span("seidra.retry", job_id, job.meta.get("trace_context"), {"seidra.countdown_s": countdown_s}):
-            [written] = self._execute(self._core.retry(job_spec(job), countdown_s))
+            [written] = self._execute(self._core.retry(job_spec(job), countdown_s, quota))
             self._wake.set()
             job = await self._answer(written)
         logger.info("Job %s re-queued at priority %d (countdown %.0f s)", job_id, job.priority, countdown_s)
         return job
+
+    async def _stored_call(self, call: Callable[..., T], *args: Any) -> T:
+        """A database call on the request path; an outage is the caller's cue to come back (503)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except STORAGE_OUTAGES as outage:
+            metrics.storage_errors().inc(tags={"call": getattr(call, "__name__", "database")})
+            raise RouterUnavailable(
+                f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s
+            ) from None
 
     async def _answer(self, written: asyncio.Future[GenerationJob]) -> GenerationJob:
         """A user's change, once stored; during a database outage the caller hears 503 (the change
@@ -322,11 +331,10 @@ class JobRouter:
         """Jobs that want a worker slot: waiting (held included) and running. Read by the autoscaler."""
         return self._core.load()
 
-    def _new_job(self, request: dict[str, Any], batch_id: str | None, job_id: str | None, owner: str) -> GenerationJob:
+    def _new_job(self, request: dict[str, Any], batch_id: str | None, owner: str) -> GenerationJob:
         return GenerationJob(
             **request,
             owner=owner,
-            id=uuid.UUID(job_id) if job_id else uuid.uuid4(),
             lane=lane_for(request["priority"]).value,
             batch_id=uuid.UUID(batch_id) if batch_id else None,
             status=JobStatus.PENDING.value,

@@ -26,8 +26,8 @@ from typing import Any
 from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
 from scheduling.hold import Backoff, Delay, Hold, utc
 from scheduling.job_queue import LaneQueues, QueuedJob
-from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane
-from scheduling.quota import Quota, QuotaExceeded, TokenBucket, retry_after_s
+from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane, lane_for
+from scheduling.quota import Quota, QuotaExceeded, SubmissionTooLarge, TokenBucket, retry_after_s
 from scheduling.replicas import ReplicaPool
 from scheduling.work import GenerationParams, WorkItem, WorkResult
 from storage.job_status import IllegalTransition, JobStatus
@@ -251,10 +251,12 @@ class Reservation:
 
     owner: str
     lanes: Counter[Lane]
+    token_taken: bool  # refunded when nothing was stored
 
 
-# Users whose rate buckets are full again are forgotten once there are this many buckets.
+# Users whose rate buckets are full again are forgotten, at most once a minute, past this many buckets.
 MAX_IDLE_BUCKETS = 1024
+BUCKET_SWEEP_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class Scheduler:
         self._reserved_by_owner: Counter[tuple[str, Lane]] = Counter()
         self._unfinished: Counter[tuple[str, Lane]] = Counter()  # jobs held here, per owner and lane
         self._buckets: dict[str, TokenBucket] = {}
+        self._next_bucket_sweep_at = 0.0
         self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
 
     # ----- submissions and recovery -----
@@ -291,23 +294,41 @@ class Scheduler:
         write. `release` it once stored.
         """
         wanted = Counter(lanes)
-        for lane, jobs in wanted.items():
-            self._queue.check_room(lane, jobs + self._reserved[lane])
-        if quota is not None:
-            self._check_unfinished(owner, wanted, quota)
-            self._take_token(owner, quota)
+        token_taken = self._admit(wanted, owner, quota)
         self._reserved.update(wanted)
         self._reserved_by_owner.update({(owner, lane): jobs for lane, jobs in wanted.items()})
-        return Reservation(owner, wanted)
+        return Reservation(owner, wanted, token_taken)
 
-    def release(self, reservation: Reservation) -> None:
+    def release(self, reservation: Reservation, stored: bool = True) -> None:
+        """Give the room back once the jobs are stored (they count as unfinished from `submit` on) or
+        not (`stored` False: a failed write, a replay: the submission's token is refunded too)."""
         self._reserved.subtract(reservation.lanes)
-        self._reserved_by_owner.subtract({(reservation.owner, lane): jobs for lane, jobs in reservation.lanes.items()})
+        for lane, jobs in reservation.lanes.items():
+            key = (reservation.owner, lane)
+            self._reserved_by_owner[key] -= jobs
+            if not self._reserved_by_owner[key]:
+                del self._reserved_by_owner[key]
+        bucket = self._buckets.get(reservation.owner)
+        if not stored and reservation.token_taken and bucket is not None:
+            bucket.tokens = min(float(bucket.per_minute), bucket.tokens + 1)
+
+    def _admit(self, wanted: Counter[Lane], owner: str, quota: Quota | None) -> bool:
+        """Raise unless `wanted` more jobs of `owner` fit their lanes and quota; takes a submission
+        token when there is a quota (returns whether it did)."""
+        for lane, jobs in wanted.items():
+            self._queue.check_room(lane, jobs + self._reserved[lane])
+        if quota is None:
+            return False
+        self._check_unfinished(owner, wanted, quota)
+        self._take_token(owner, quota)
+        return True
 
     def _check_unfinished(self, owner: str, wanted: Counter[Lane], quota: Quota) -> None:
         for lane, jobs in wanted.items():
             have = self._unfinished[(owner, lane)] + self._reserved_by_owner[(owner, lane)]
             limit = quota.max_unfinished[lane]
+            if jobs > limit:
+                raise SubmissionTooLarge(f"{jobs} {lane.value} jobs in one submission; the limit per user is {limit}")
             if have + jobs > limit:
                 raise QuotaExceeded(
                     f"{have} unfinished {lane.value} job(s) already, {jobs} more asked for; the limit per user is {limit}",
@@ -322,7 +343,8 @@ class Scheduler:
             raise QuotaExceeded(f"more than {quota.submissions_per_minute} submissions a minute", retry_after_s(bucket.wait_s()))
         bucket.tokens -= 1
         self._buckets[owner] = bucket
-        if len(self._buckets) > MAX_IDLE_BUCKETS:
+        if len(self._buckets) > MAX_IDLE_BUCKETS and now >= self._next_bucket_sweep_at:
+            self._next_bucket_sweep_at = now + BUCKET_SWEEP_INTERVAL_S
             self._forget_full_buckets(now)
 
     def _forget_full_buckets(self, now: float) -> None:
@@ -421,37 +443,51 @@ class Scheduler:
             self._remove(record)
         return actions
 
-    def retry(self, job: JobSpec, countdown_s: float = 0.0) -> list[Action]:
+    def retry(self, job: JobSpec, countdown_s: float = 0.0, quota: Quota | None = None) -> list[Action]:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
 
         Raises IllegalTransition for a job that runs (between two slices included), waits normally,
-        is still stopping, or completed.
+        is still stopping, or completed. A job that comes back, or moves to the realtime lane, is a
+        submission of its owner's: it needs room there and within `quota`, as `reserve` does.
         """
         now = self._clock()
         priority = job.priority if job.priority <= MAX_REALTIME_PRIORITY else DEFAULT_REALTIME_PRIORITY
         not_before = now + countdown_s
         metadata = {"failures": 0, "retry": {"requested_at": utc(now).isoformat(), "not_before": utc(not_before).isoformat()}}
         record = self._records.get(job.job_id)
+        if record is None or record.lane is not lane_for(priority):
+            self._check_retry(job, record)
+            self._admit(Counter({lane_for(priority): 1}), job.owner, quota)
         if record is None:
-            if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
-                raise IllegalTransition(job.job_id, job.status, JobStatus.PENDING)
             record = self._new_record(replace(job, priority=priority))
             write = self._write(record, JobStatus.PENDING, metadata=metadata, reopen=True, priority=priority)
-        elif record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None):
+        elif self._is_retriable(record):
             self._unplace(record)
             self._untrack(record)
             record.queued = replace(record.queued, priority=priority)
             self._track(record)
             write = self._write(record, JobStatus.PENDING, metadata=metadata, priority=priority)
         else:
-            current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
-            raise IllegalTransition(job.job_id, current, JobStatus.PENDING)
+            self._check_retry(job, record)
         record.failures = 0
         if countdown_s > 0:
             self._defer(record, not_before)
         else:
             self._enqueue(record)
         return [Persist(write)]
+
+    def _check_retry(self, job: JobSpec, record: JobRecord | None) -> None:
+        """Raise IllegalTransition unless the job may be retried (before any room is taken for it)."""
+        if record is None:
+            if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+                raise IllegalTransition(job.job_id, job.status, JobStatus.PENDING)
+        elif not self._is_retriable(record):
+            current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
+            raise IllegalTransition(job.job_id, current, JobStatus.PENDING)
+
+    @staticmethod
+    def _is_retriable(record: JobRecord) -> bool:
+        return record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None)
 
     # ----- calls -----
 

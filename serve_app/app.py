@@ -30,9 +30,9 @@ from scheduling import metrics, tracing
 from scheduling.directives import Health, InjectedFaults
 from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
-from scheduling.quota import QuotaExceeded
+from scheduling.quota import QuotaExceeded, SubmissionTooLarge
 from scheduling.router import RouterUnavailable, get_or_create_router
-from serve_app.auth import Authenticator, admin, caller, owner_scope
+from serve_app.auth import Authenticator, AuthMiddleware, admin, caller, owner_scope
 from serve_app.body_limit import BodyLimitMiddleware
 from serve_app.schemas import (
     LIMITS,
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 APP_NAME = "seidra"
 ROUTER_RESTART_RETRY_AFTER_S = 5
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+# Liveness probes carry no key; the route tells nothing.
+PUBLIC_PATHS = frozenset({"/health"})
 Caller = Annotated[Principal, Depends(caller)]
 Admin = Annotated[Principal, Depends(admin)]
 # What a user's GET /status shows of the router's view: no replica details, no other users' work.
@@ -78,7 +80,22 @@ api = FastAPI(
     redoc_url=None,
 )
 
-# Added before the request counter, so that it runs inside it and its 413s are counted too.
+DATABASE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
+
+
+def _database_unreachable(error: Exception) -> JSONResponse:
+    """An outage is the client's cue to come back, not a 500."""
+    logger.warning("Database unreachable: %s", type(error).__name__)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the database is unreachable; try again shortly"},
+        headers={"Retry-After": str(ROUTER_RESTART_RETRY_AFTER_S)},
+    )
+
+
+# Innermost first: the key is checked once the body's size is known to be fine, before it is read;
+# both run inside the request counter, so their 401s and 413s are counted too.
+api.add_middleware(AuthMiddleware, public_paths=PUBLIC_PATHS, outages=DATABASE_OUTAGES, on_outage=_database_unreachable)
 api.add_middleware(BodyLimitMiddleware, max_body_bytes=LIMITS.max_body_bytes)
 
 
@@ -92,17 +109,8 @@ async def _count_requests(request: Request, call_next: Any) -> Response:
     return response
 
 
-@api.exception_handler(sqlalchemy.exc.OperationalError)
-@api.exception_handler(sqlalchemy.exc.InterfaceError)
-@api.exception_handler(sqlalchemy.exc.TimeoutError)
-async def _database_unreachable(_request: Request, error: Exception) -> JSONResponse:
-    """Reads that reach the database directly: an outage is the client's cue to come back, not a 500."""
-    logger.warning("Database unreachable: %s", type(error).__name__)
-    return JSONResponse(
-        status_code=503,
-        content={"detail": "the database is unreachable; try again shortly"},
-        headers={"Retry-After": str(ROUTER_RESTART_RETRY_AFTER_S)},
-    )
+for _outage in DATABASE_OUTAGES:  # reads that reach the database directly
+    api.add_exception_handler(_outage, lambda _request, error: _database_unreachable(error))
 
 
 @api.exception_handler(RequestValidationError)
@@ -119,7 +127,7 @@ class ErrorBody(BaseModel):
 
 
 ERROR_MEANINGS = {
-    400: "The body is not valid JSON.",
+    400: "The body could not be decoded (it is not text in a known encoding).",
     401: "Missing, unknown, revoked or expired API key (with `WWW-Authenticate: Bearer`).",
     403: "An admin route, or another user's rows asked for, with a user key.",
     404: "No such job, or not one of the caller's (the same answer: no existence oracle).",
@@ -146,9 +154,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in codes}
 
 
-# Every authenticated operation can answer these; operations with a body add 400 and 413.
-READ_ERRORS = (401, 422, 503)
-WRITE_ERRORS = (400, 401, 413, 422, 503)
+# Every authenticated operation can answer these (413: any request may come with a body); operations
+# that take a body add 400.
+READ_ERRORS = (401, 413, 422, 503)
+WRITE_ERRORS = (400, *READ_ERRORS)
 
 
 async def _router_call(call: Awaitable[T]) -> T:
@@ -161,7 +170,7 @@ async def _router_call(call: Awaitable[T]) -> T:
             raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
         if isinstance(cause, RouterUnavailable):
             raise HTTPException(503, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
-        if isinstance(cause, IdempotencyMismatch):
+        if isinstance(cause, (IdempotencyMismatch, SubmissionTooLarge)):
             raise HTTPException(422, str(cause)) from None
         if isinstance(cause, IllegalTransition):
             raise HTTPException(409, str(cause)) from None
@@ -347,7 +356,7 @@ class SeidraAPI:
         cancelled = await _router_call(self._router.cancel.remote(str(job_id), owner_scope(principal)))
         return self._view(cancelled, principal)
 
-    @api.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView, responses=_errors(*READ_ERRORS, 404, 409))
+    @api.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView, responses=_errors(*READ_ERRORS, 404, 409, 429))
     async def retry_job(
         self,
         principal: Caller,
@@ -355,7 +364,9 @@ class SeidraAPI:
         countdown_s: Annotated[float, Query(ge=0, le=86_400)] = 0.0,
     ) -> JobView:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`."""
-        retried = await _router_call(self._router.retry.remote(str(job_id), countdown_s, owner_scope(principal)))
+        retried = await _router_call(
+            self._router.retry.remote(str(job_id), countdown_s, owner_scope(principal), _quota_limits(principal))
+        )
         return self._view(retried, principal)
 
     @api.get("/notifications", response_model=list[NotificationView], responses=_errors(*READ_ERRORS, 403))
@@ -405,12 +416,12 @@ class SeidraAPI:
         if not self._settings.worker.fault_injection:
             raise HTTPException(403, "fault injection is disabled; it needs SEIDRA_FAULT_INJECTION=1 (drills and tests only)")
 
-    @api.get("/health")
+    @api.get("/health", responses=_errors(413))
     async def health(self) -> dict[str, str]:
         """Liveness, for load balancers and probes: the one route without a key, and it tells nothing."""
         return {"status": "ok"}
 
-    @api.get("/status", responses=_errors(401, 503))
+    @api.get("/status", responses=_errors(401, 413, 503))
     async def status(self, principal: Caller) -> dict[str, Any]:
         """Queue depths and the caller's job counts (null while the database is unreachable); an
         admin also sees the replicas, holds and everyone's counts."""
@@ -418,7 +429,7 @@ class SeidraAPI:
         scope = owner_scope(principal)
         try:
             jobs, database = await asyncio.to_thread(self._jobs.count_by_status, owner=scope), "ok"
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as error:
+        except DATABASE_OUTAGES as error:
             jobs, database = None, f"unreachable ({type(error).__name__})"
         if not principal.admin:
             router = {name: router[name] for name in USER_STATUS_FIELDS}

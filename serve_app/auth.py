@@ -4,7 +4,9 @@ With `SEIDRA_AUTH=off` (loopback only, `build_app` and `seidra up` refuse it oth
 request comes from one local user who is an admin and has no per-user quota.
 
 A key's check is one primary-key read; its answer is kept for `cache_s`, so a busy client costs the
-database one read every few seconds and a revoked key stops working within that time.
+database one read every few seconds and a revoked key stops working within that time. The check is
+an ASGI middleware: FastAPI reads and decodes a body before it resolves a route's dependencies, and
+a caller without a key must cost no more than its headers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from storage.api_keys import ApiKeyStore, KeyLimits, Principal, key_hash
 
@@ -71,12 +77,61 @@ def unauthorized(reason: str) -> HTTPException:
     return HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
 
 
+class AuthMiddleware:
+    """Finds the principal of every request but those to `public_paths`, before the body is read.
+
+    The replica puts its Authenticator on the app (`app.state.authenticator`); the principal goes to
+    the request's state, where `caller` finds it. A database outage during the check is answered by
+    `on_outage` (the app's own exception handlers run further in).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        public_paths: frozenset[str],
+        outages: tuple[type[Exception], ...],
+        on_outage: Callable[[Exception], Response],
+    ) -> None:
+        self._app = app
+        self._public_paths = public_paths
+        self._outages = outages
+        self._on_outage = on_outage
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._public_paths:
+            await self._app(scope, receive, send)
+            return
+        authenticator: Authenticator = scope["app"].state.authenticator
+        try:
+            principal = await authenticator.principal(_credentials(scope))
+        except HTTPException as refused:
+            await JSONResponse({"detail": refused.detail}, refused.status_code, refused.headers)(scope, receive, send)
+            return
+        except self._outages as outage:
+            await self._on_outage(outage)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self._app(scope, receive, send)
+
+
+def _credentials(scope: Scope) -> HTTPAuthorizationCredentials | None:
+    """The Bearer credentials of the request's headers, as FastAPI's HTTPBearer reads them."""
+    headers = dict(scope["headers"])
+    scheme, credentials = get_authorization_scheme_param(headers.get(b"authorization", b"").decode("latin-1"))
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
+
+
 async def caller(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> Principal:
-    """FastAPI dependency: the request's principal (the replica put its Authenticator on the app)."""
-    authenticator: Authenticator = request.app.state.authenticator
-    return await authenticator.principal(credentials)
+    """FastAPI dependency: the request's principal, found by AuthMiddleware (the Bearer scheme is a
+    dependency only so that OpenAPI documents it)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # a public path's route asking for a caller: a bug, refused all the same
+        raise unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    return principal
 
 
 async def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:

@@ -168,6 +168,13 @@ class JobStore:
                     raise  # not the key's constraint: a job id already taken
                 return self._repeat(session, stored, idempotency)
 
+    def replay(self, claim: IdempotencyClaim) -> Submission | None:
+        """What `submit` would answer for a claim whose key is stored already, without writing; None
+        for a key not stored yet. Lets a replay skip the room and quota checks of a new submission."""
+        with self._session() as session:
+            stored = session.get(IdempotencyKey, (claim.owner, claim.key))
+            return None if stored is None else self._repeat(session, stored, claim)
+
     def _claim(self, jobs: Sequence[GenerationJob], claim: IdempotencyClaim) -> Submission:
         with self._write_session() as session:
             stored = session.get(IdempotencyKey, (claim.owner, claim.key))
@@ -222,11 +229,6 @@ class JobStore:
         with self._session() as session:
             rows = session.exec(_STATUS_VIEW.where(col(GenerationJob.status).in_(UNFINISHED))).all()
         return {str(job_id): (status, as_utc(updated_at)) for job_id, status, updated_at in rows}
-
-    def existing_ids(self, job_ids: Sequence[uuid.UUID | str]) -> set[str]:
-        query = select(GenerationJob.id).where(col(GenerationJob.id).in_([_uuid(job_id) for job_id in job_ids]))
-        with self._session() as session:
-            return {str(job_id) for job_id in session.exec(query)}
 
     def for_batch(self, batch_id: uuid.UUID | str, *, owner: str | None = None) -> list[GenerationJob]:
         query = select(GenerationJob).where(GenerationJob.batch_id == _uuid(batch_id), *_owned_by(owner))

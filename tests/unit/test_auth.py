@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,29 @@ def test_users_are_scoped_to_their_own_rows_admins_to_any() -> None:
         owner_scope(ann, "bob")
     assert refused.value.status_code == 403
     assert owner_scope(root) is None and owner_scope(root, "bob") == "bob"
+
+
+def test_the_key_is_checked_before_the_body_is_read(keys: ApiKeyStore) -> None:
+    """FastAPI decodes a body before a route's dependencies run: the middleware answers first."""
+    import httpx
+
+    from serve_app.app import api
+
+    api.state.authenticator = Authenticator("keys", keys)
+    body_reads = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal body_reads
+        body_reads += 1
+        yield b'{"prompt": not json'
+
+    async def call() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://seidra") as client:
+            return [
+                await client.post("/generation/single", content=body()),
+                await client.get("/openapi.json"),
+            ]
+
+    refused, schema = asyncio.run(call())
+    assert (refused.status_code, refused.headers["www-authenticate"], body_reads) == (401, "Bearer", 0)
+    assert schema.status_code == 401

@@ -125,7 +125,12 @@ def test_the_api_refuses_ten_million_empty_batch_items_without_parsing_them() ->
     would fail outside a Serve replica, so a 413 also shows that it was never called.
     """
     from serve_app.app import api
+    from serve_app.auth import Authenticator
     from serve_app.schemas import LIMITS
+    from storage.api_keys import ApiKeyStore
+
+    # As a replica would, with keys off: the request reaches the body-reading stage.
+    api.state.authenticator = Authenticator("off", ApiKeyStore("sqlite://"))
 
     body = b'{"items": [' + b",".join([b"{}"] * 10_000_000) + b"]}"
     assert len(body) > 30_000_000 > LIMITS.max_body_bytes

@@ -194,6 +194,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             place = {r.job_id: r.place for r in self.core.scheduler.records()}.get(job_id)
             assert place not in (Place.HELD,), "a held job must be retriable"
             assert self.db[job_id] in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.COMPLETED) or place is Place.STOPPING
+        except QueueFullError as refused:  # a retry is a submission to the realtime lane: it needs room there
+            assert refused.lane is Lane.REALTIME and refused.depth >= refused.limit
         finally:
             self.retrying = None
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from scheduling.lanes import Lane, lane_for
-from scheduling.quota import Quota, QuotaExceeded
+from scheduling.job_queue import QueueFullError
+from scheduling.quota import Quota, QuotaExceeded, SubmissionTooLarge
 from scheduling.scheduler import UnknownJob
+from storage.job_status import JobStatus
 from tests.unit.scheduler_harness import Core, job_ids, spec
 
 QUOTA = Quota(max_unfinished={Lane.REALTIME: 2, Lane.BATCH: 3}, submissions_per_minute=4)
@@ -35,9 +37,10 @@ def test_unfinished_jobs_are_limited_per_user_and_lane_and_free_up_as_jobs_end()
 
 def test_a_submission_that_would_cross_the_limit_is_refused_whole() -> None:
     core = Core()
+    submit_as(core, "ann", ("b1", 8), ("b2", 8))
     with pytest.raises(QuotaExceeded):
-        submit_as(core, "ann", ("b1", 8), ("b2", 8), ("b3", 8), ("b4", 8))
-    assert list(core.scheduler.records()) == []
+        submit_as(core, "ann", ("b3", 8), ("b4", 8))
+    assert sorted(record.job_id for record in core.scheduler.records()) == ["b1", "b2"]
 
 
 def test_room_reserved_by_a_submission_being_stored_counts_against_its_user() -> None:
@@ -105,3 +108,43 @@ def test_a_big_batch_does_not_make_another_users_jobs_wait_behind_it() -> None:
         started += job_ids([start])
         core.finish_slice(start, steps=100)
     assert started == ["big-000", "small-0", "big-001", "small-1", "big-002", "small-2"]
+
+
+def test_a_retry_is_a_submission_it_needs_room_and_quota_in_its_new_lane() -> None:
+    core = Core()
+    quota = Quota(max_unfinished={Lane.REALTIME: 1, Lane.BATCH: 10}, submissions_per_minute=100)
+    submit_as(core, "ann", ("rt", 2), quota=quota)
+    for job_id in ("b1", "b2"):
+        submit_as(core, "ann", (job_id, 8), quota=quota)
+        core.record(core.scheduler.cancel(job_id, owner="ann"))
+    cancelled = spec("b1", 8, status=JobStatus.CANCELLED, owner="ann")
+    with pytest.raises(QuotaExceeded, match="limit per user is 1"):
+        core.scheduler.retry(cancelled, quota=quota)  # it would come back as realtime: ann has one already
+    assert [record.job_id for record in core.scheduler.records()] == ["rt"]
+    core.record(core.scheduler.cancel("rt", owner="ann"))
+    core.record(core.scheduler.retry(cancelled, quota=quota))
+    assert {(record.job_id, record.lane) for record in core.scheduler.records()} == {("b1", Lane.REALTIME)}
+
+
+def test_an_admin_retry_without_a_quota_still_needs_room_in_the_lane() -> None:
+    core = Core(overrides={"queue_limits": {Lane.REALTIME: 1, Lane.BATCH: 10}})
+    core.submit(spec("rt", 2))
+    with pytest.raises(QueueFullError):
+        core.scheduler.retry(spec("old", 8, status=JobStatus.FAILED))
+
+
+def test_a_submission_larger_than_the_limit_itself_is_refused_as_never_fitting() -> None:
+    core = Core()
+    with pytest.raises(SubmissionTooLarge, match="4 batch jobs in one submission; the limit per user is 3"):
+        submit_as(core, "ann", *[(f"b{n}", 8) for n in range(4)])
+
+
+def test_a_submission_that_stores_nothing_gives_its_token_back() -> None:
+    core = Core()
+    quota = Quota(max_unfinished={Lane.REALTIME: 10, Lane.BATCH: 10}, submissions_per_minute=1)
+    failed = core.scheduler.reserve([Lane.REALTIME], "ann", quota)
+    core.scheduler.release(failed, stored=False)  # its database write failed
+    stored = core.scheduler.reserve([Lane.REALTIME], "ann", quota)
+    core.scheduler.release(stored)
+    with pytest.raises(QuotaExceeded, match="submissions a minute"):
+        core.scheduler.reserve([Lane.REALTIME], "ann", quota)
