@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.engine.url as sa_url
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -129,11 +130,35 @@ class StorageSettings(BaseSettings):
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        return {**state, "__dict__": {**state["__dict__"], **dict.fromkeys(STORAGE_SECRET_FIELDS, "")}}
+        return {
+            **state,
+            "__dict__": {**state["__dict__"], **dict.fromkeys(STORAGE_SECRET_FIELDS, "")},
+            # Which database, its password masked: the receiver must find the same one.
+            _DATABASE_SENT: masked_url(self.database_url),
+        }
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        """The receiving process's own secrets, as if it had read its environment itself."""
+        """The receiving process's own secrets, as if it had read its environment itself.
+
+        Raises SecretSettingError when its database is not the sender's: a node whose environment
+        lacks SEIDRA_DATABASE_URL would otherwise keep its jobs in a SQLite file of its own.
+        """
+        state = dict(state)
+        sent = state.pop(_DATABASE_SENT, None)
         super().__setstate__(state)
         secrets = {name: environment_secret(f"SEIDRA_{name.upper()}") or "" for name in STORAGE_SECRET_FIELDS}
         self.__dict__.update(secrets)
         self._completed()
+        if sent is not None and masked_url(self.database_url) != sent:
+            raise SecretSettingError(
+                f"this process's database is {masked_url(self.database_url)}, the application's is {sent}: "
+                "set SEIDRA_DATABASE_URL (or SEIDRA_DATABASE_URL_FILE) alike in every node's environment"
+            )
+
+
+_DATABASE_SENT = "seidra_database_url_masked"
+
+
+def masked_url(database_url: str) -> str:
+    """The URL with its password hidden: safe to ship, log and compare."""
+    return sa_url.make_url(database_url).render_as_string(hide_password=True)

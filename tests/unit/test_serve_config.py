@@ -152,8 +152,14 @@ def test_storage_settings_pickle_without_secrets_and_read_the_receivers_own(
     assert (received.s3_endpoint, received.s3_access_key, received.s3_secret_key) == (
         "s3.internal:9000", "access-sentinel", "secret-from-file",
     )  # fmt: skip
+    # Another database, or none (a SQLite file of its own): refused, not used.
+    shell.setenv("SEIDRA_DATABASE_URL", "postgresql+psycopg://seidra:other@elsewhere:5432/seidra")
+    with pytest.raises(SecretSettingError, match="set SEIDRA_DATABASE_URL .* alike in every node's environment"):
+        pickle.loads(shipped)
     shell.delenv("SEIDRA_DATABASE_URL")
-    assert pickle.loads(shipped).database_url == f"sqlite:///{tmp_path / 'home' / 'seidra.db'}"
+    with pytest.raises(SecretSettingError, match="this process's database is sqlite:///"):
+        pickle.loads(shipped)
+    shell.setenv("SEIDRA_DATABASE_URL", SECRETS["SEIDRA_DATABASE_URL"])
     shell.delenv("SEIDRA_S3_SECRET_KEY_FILE")
     with pytest.raises(ValueError, match="SEIDRA_S3_SECRET_KEY"):
         pickle.loads(shipped)
