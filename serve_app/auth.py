@@ -23,9 +23,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from storage.api_keys import ApiKeyStore, KeyLimits, Principal, key_hash
+from storage.api_keys import LOCAL_USER, ApiKeyStore, KeyLimits, Principal, key_hash
 
-LOCAL_USER = "local"
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER, admin=True, key_id=None, limits=KeyLimits())
 AUTH_CACHE_S = 2.0
 # Answers for this many different keys at most; a client spraying random keys cannot grow it further.

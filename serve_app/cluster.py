@@ -239,12 +239,14 @@ def launch_head(gcs_port: int, dashboard_port: int, num_cpus: int | None, log_fi
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     log_file.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    # The head's processes inherit this whole environment, secrets included: that is how they reach
-    # the replicas and the router without being written anywhere.
+    # The head's processes inherit this environment, secrets included: that is how they reach the
+    # replicas and the router without being written anywhere. The CLI's own variables stay here: the
+    # operator's API key would otherwise be every batch driver's.
+    inherited = {key: value for key, value in os.environ.items() if key not in CLI_ONLY_VARIABLES}
     with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE), "ab") as log:
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **forwarded_env(), "PATH": _path_with_this_python()},
+            start_new_session=True, env={**inherited, **forwarded_env(), "PATH": _path_with_this_python()},
         )  # fmt: skip
 
 

@@ -25,6 +25,8 @@ from storage.database import for_writes, get_engine
 from storage.jobs import as_utc
 from storage.models import ApiKey, utcnow
 
+# The one user while authentication is off (loopback only); no key may be made for it.
+LOCAL_USER = "local"
 USER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 KEY_PREFIX = "seidra_"
 KEY_ID_BYTES = 6  # 12 hex characters: 48 bits, enough to look a key up, never to guess one
@@ -83,6 +85,8 @@ def check_user(user: str) -> str:
         raise ValueError(
             f"user {user!r} is not a user name: 1 to 64 letters, digits or _.@- characters, starting with a letter or digit"
         )
+    if user == LOCAL_USER:
+        raise ValueError(f"user {user!r} is reserved: it owns the jobs submitted while authentication was off")
     return user
 
 

@@ -153,6 +153,7 @@ def test_keys_list_oldest_first(keys: ApiKeyStore) -> None:
         (lambda keys: keys.create("-alice"), "user"),
         (lambda keys: keys.create("alice smith"), "user"),
         (lambda keys: keys.create("a" * 65), "user"),
+        (lambda keys: keys.create("local"), "user"),  # authentication off's one user
         (lambda keys: keys.create("alice", expires_in_days=0), "expires_in_days"),
         (lambda keys: keys.create("alice", expires_in_days=-1), "expires_in_days"),
         (lambda keys: keys.create("alice", expires_in_days=float("nan")), "expires_in_days"),
