@@ -217,16 +217,22 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     print(f"SEIDRA at {api.base_url}")
     print("queues:  " + ", ".join(f"{lane} {depth}" for lane, depth in status["queues"].items()))
-    print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
+    admin_view = "workers" in status  # a user key sees queue depths and its own counts only
+    if admin_view:
+        print(f"running: {status['running']} job(s), {status['usable_slots']} usable worker slot(s) free")
+    mine = "" if admin_view else " (yours)"
     if status["jobs"] is None:  # the router answers from memory; the counts need the database
-        print(f"jobs:    unknown: the database is {status['database']}")
+        print(f"jobs{mine}:    unknown: the database is {status['database']}")
     else:
-        print("jobs:    " + (", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"))
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(status["jobs"].items())) or "none"
+        print(f"jobs{mine}:    {counts}")
     if status.get("recovering"):
         print("RECOVERING: the router is rebuilding its queue from the database; submissions get 503 until it is done")
-    print("held:    " + ", ".join(f"{lane} {count}" for lane, count in status["held"].items()))
     if status["paused_lanes"]:
         print(f"PAUSED:  {', '.join(status['paused_lanes'])} (seidra lane resume LANE)")
+    if not admin_view:
+        return
+    print("held:    " + ", ".join(f"{lane} {count}" for lane, count in status["held"].items()))
     if status["outage"]:
         print(f"OUTAGE:  no usable GPU ({status['outage']})")
     for worker in status["workers"]:

@@ -392,3 +392,19 @@ def test_status_while_the_database_is_down_says_so(monkeypatch: pytest.MonkeyPat
     out = capsys.readouterr().out
     assert "jobs:    unknown: the database is unreachable (OperationalError)" in out
     assert "RECOVERING: the router is rebuilding its queue" in out
+
+
+def test_status_with_a_user_key_shows_queues_and_the_users_own_counts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serve_app import cli
+    from serve_app.client import SeidraClient
+
+    body = {"queues": {"realtime": 3, "batch": 40}, "paused_lanes": [], "recovering": False, "jobs": {"completed": 2},
+            "database": "ok"}  # fmt: skip
+    transport = httpx.MockTransport(lambda _request: httpx.Response(200, json=body))
+    monkeypatch.setattr(cli, "api_client", lambda _url: SeidraClient("http://seidra.test", transport=transport))
+    assert cli.main(["status", "--url", "http://seidra.test"]) == 0
+    out = capsys.readouterr().out
+    assert "queues:  realtime 3, batch 40" in out and "jobs (yours):    completed 2" in out
+    assert "running:" not in out and "held:" not in out
