@@ -35,10 +35,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from scheduling.lanes import DEFAULT_BATCH_PRIORITY, parse_priority
-from serve_app.client import DEFAULT_URL, ApiError, SeidraClient
+from serve_app.client import DEFAULT_URL, ApiError, KeyFileError, SeidraClient, api_key_from_environment, read_key_file
 from serve_app.schemas import GenerationFields
 from storage.job_status import JobStatus
-from storage.settings import SecretSettingError, environment_secret
+from storage.settings import SecretSettingError
 
 POLL_INTERVAL_S = 2.0
 SUBMIT_CHUNK = 100
@@ -158,15 +158,10 @@ def manifest(items: list[GenerationFields], chunks: list[Chunk], jobs: dict[str,
 
 def api_key(key_file: Path | None) -> str | None:
     """`--api-key-file`'s content, else SEIDRA_API_KEY or SEIDRA_API_KEY_FILE; None: no key."""
-    if key_file is None:
-        return environment_secret("SEIDRA_API_KEY")
     try:
-        key = key_file.read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise BatchError(f"--api-key-file: cannot read {key_file}: {error.strerror}") from None
-    if not key:
-        raise BatchError(f"--api-key-file: {key_file} is empty")
-    return key
+        return api_key_from_environment() if key_file is None else read_key_file(key_file, "--api-key-file")
+    except KeyFileError as error:
+        raise BatchError(str(error)) from None
 
 
 def api_url(explicit: str | None, ray_address: str) -> str:

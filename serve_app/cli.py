@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from scheduling.lanes import Lane
-from serve_app.client import DEFAULT_URL, ApiError, SeidraClient
+from serve_app.client import DEFAULT_URL, ApiError, KeyFileError, SeidraClient, api_key_from_environment
 from serve_app.cluster import (
     STARTING,
     UP,
@@ -70,20 +70,10 @@ def api_client(explicit_url: str | None) -> SeidraClient:
 
 def api_key() -> str | None:
     """The API key from SEIDRA_API_KEY, or read from the file SEIDRA_API_KEY_FILE names; None without either."""
-    key, key_file = os.environ.get("SEIDRA_API_KEY"), os.environ.get("SEIDRA_API_KEY_FILE")
-    if key and key_file:
-        raise CliError("SEIDRA_API_KEY and SEIDRA_API_KEY_FILE are both set: set one of them")
-    if not key_file:
-        return key or None
     try:
-        key = Path(key_file).read_text().strip()
-    except OSError as error:
-        raise CliError(f"SEIDRA_API_KEY_FILE: cannot read {key_file}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"SEIDRA_API_KEY_FILE: {key_file} is not a text file") from None
-    if not key:
-        raise CliError(f"SEIDRA_API_KEY_FILE: {key_file} is empty")
-    return key
+        return api_key_from_environment()
+    except KeyFileError as error:
+        raise CliError(str(error)) from None
 
 
 # ----- commands -----

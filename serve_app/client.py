@@ -7,10 +7,12 @@ carries `Authorization: Bearer <key>`; the key is never part of an error's text.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +29,31 @@ AUTH_HINTS = {
     401: "set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to a valid API key; an admin makes one with `seidra keys create`",
     403: "this needs an admin API key: set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to one",
 }
+
+
+class KeyFileError(ValueError):
+    """An API key that cannot be read: one line for the operator."""
+
+
+def read_key_file(path: Path, what: str) -> str:
+    """The key a file holds, surrounding whitespace stripped; `what` names the setting in errors."""
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise KeyFileError(f"{what}: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{what}: {path} is not a text file") from None
+    if not key:
+        raise KeyFileError(f"{what}: {path} is empty")
+    return key
+
+
+def api_key_from_environment() -> str | None:
+    """The key in SEIDRA_API_KEY, or in the file SEIDRA_API_KEY_FILE names; None without either."""
+    key, key_file = os.environ.get("SEIDRA_API_KEY"), os.environ.get("SEIDRA_API_KEY_FILE")
+    if key and key_file:
+        raise KeyFileError("SEIDRA_API_KEY and SEIDRA_API_KEY_FILE are both set: set one of them")
+    return read_key_file(Path(key_file), "SEIDRA_API_KEY_FILE") if key_file else (key or None)
 
 
 class ApiError(Exception):
