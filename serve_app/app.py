@@ -470,11 +470,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def _refuse_secret_args(args: dict[str, Any]) -> None:
     """Serve shows an application's args to anyone who can read its config: secrets come from the
     environment of each process instead (`storage.settings`)."""
-    from storage.settings import SECRET_VARIABLES
+    from storage.settings import is_secret_variable
 
     for name in args:
         variable = f"SEIDRA_{name.upper()}"
-        if variable in SECRET_VARIABLES:
+        if is_secret_variable(variable):
             raise ValueError(
                 f"{name} is a secret and must not be an application arg (`serve config` shows them): "
                 f"set {variable} or {variable}_FILE in the environment of every Ray node instead"

@@ -545,12 +545,6 @@ def _priority(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days >= 1")
-    return int(text)
-
-
 def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -671,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--url", help="SEIDRA API base URL for the driver (default: the cluster's Serve HTTP proxy).")
 
     cleanup = command("cleanup", cmd_cleanup, "Archive, then remove, generated media older than --days.")
-    cleanup.add_argument("--days", type=_positive_int, required=True, help="Keep media younger than this many days.")
+    cleanup.add_argument("--days", type=_at_least_one, required=True, help="Keep media younger than this many days.")
     cleanup.add_argument("--dry-run", action="store_true", help="List what would go; change nothing.")
     cleanup.add_argument("--archive-dir", type=Path, help="Where to archive (default: SEIDRA_HOME/archive/<date>).")
 

@@ -97,4 +97,4 @@ def test_the_script_on_the_media_folder(tmp_path: Path, jobs: JobStore) -> None:
 
     assert run_script("--days", "30", env=env).returncode == 2  # the runbook's form needs --cleanup
     bad = run_script("--cleanup", "--days", "zero", env=env)
-    assert bad.returncode == 2 and "not a whole number of days" in bad.stderr
+    assert bad.returncode == 2 and "argument --days" in bad.stderr and "not a whole number >= 1" in bad.stderr
