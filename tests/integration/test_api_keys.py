@@ -214,13 +214,15 @@ def test_another_owners_job_is_not_found_like_a_missing_one(store: JobStore) -> 
 
 def test_listings_and_counts_narrowed_to_an_owner(store: JobStore) -> None:
     batch_id = uuid.uuid4()
-    jobs = store.add_all([
-        new_job(8, owner="alice", batch_id=batch_id),
-        new_job(8, owner="bob", batch_id=batch_id),  # two owners never share a batch; here it shows the filter at work
-        new_job(2, owner="alice", status="completed"),
-        new_job(2, owner="bob"),
-        new_job(2),
-    ])
+    jobs = store.add_all(
+        [
+            new_job(8, owner="alice", batch_id=batch_id),
+            new_job(8, owner="bob", batch_id=batch_id),  # two owners never share a batch; here it shows the filter at work
+            new_job(2, owner="alice", status="completed"),
+            new_job(2, owner="bob"),
+            new_job(2),
+        ]
+    )
     alices = {jobs[0].id, jobs[2].id}
     assert {job.id for job in store.list(owner="alice")} == alices
     assert [job.id for job in store.list(owner="alice", status=JobStatus.COMPLETED)] == [jobs[2].id]
@@ -269,9 +271,7 @@ OWNER_LISTINGS: dict[str, tuple[Callable[[JobStore, NotificationService], object
 @pytest.mark.parametrize("listing", OWNER_LISTINGS)
 def test_a_users_listings_read_an_index_in_order(store: JobStore, database_url: str, listing: str) -> None:
     # Ten users; one job in ten waits.
-    jobs = store.add_all([
-        new_job(owner=f"user-{n % 10}", status="pending" if n % 100 < 10 else "completed") for n in range(300)
-    ])
+    jobs = store.add_all([new_job(owner=f"user-{n % 10}", status="pending" if n % 100 < 10 else "completed") for n in range(300)])
     notes = NotificationService(database_url)
     notes.notify_many([(str(job.id), Level.INFO, "hello") for job in jobs])
     with get_engine(database_url).connect() as connection:

@@ -144,7 +144,10 @@ def test_the_driver_needs_a_valid_key(
     assert batch_main([str(tmp_path / "p.txt"), "--url", app.url]) == 2
     assert "POST /generation/batch failed with HTTP 401" in capsys.readouterr().err
     assert batch_main([str(tmp_path / "p.txt"), "--url", app.url, "--api-key-file", str(tmp_path / "none")]) == 2
-    assert capsys.readouterr().err.strip() == f"batch: error: --api-key-file: cannot read {tmp_path / 'none'}: No such file or directory"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"batch: error: --api-key-file: cannot read {tmp_path / 'none'}: No such file or directory"
+    )
 
 
 def test_the_entrypoint_quotes_every_argument_and_runs_nothing(tmp_path: Path) -> None:

@@ -71,7 +71,9 @@ def test_the_whole_cluster_stopped_then_up_again(seidra: Seidra, traced: dict[st
     with api(seidra) as client:
         # Slow steps: the long job is still running when the cluster dies (the fault ends with it).
         eventually(lambda: client.post("/admin/faults", json={"inference_delay_s": 0.05}).json()["workers"], "slow steps")
-        running = client.post("/generation/single", json={**JOB, "prompt": "running as the cluster dies", "num_inference_steps": 150}).json()
+        running = client.post(
+            "/generation/single", json={**JOB, "prompt": "running as the cluster dies", "num_inference_steps": 150}
+        ).json()
         batch = client.post(
             "/generation/batch", json={"items": [{**JOB, "prompt": f"waiting {i}", "num_inference_steps": 8} for i in range(3)]}
         ).json()
@@ -108,7 +110,9 @@ def test_the_media_folder_made_unwritable(seidra: Seidra) -> None:
     media.write_text("not a folder")  # root ignores permissions: a file in its place stops every write
     try:
         with api(seidra) as client:
-            job_ids = [client.post("/generation/single", json={**JOB, "prompt": f"nowhere to go {i}"}).json()["id"] for i in range(3)]
+            job_ids = [
+                client.post("/generation/single", json={**JOB, "prompt": f"nowhere to go {i}"}).json()["id"] for i in range(3)
+            ]
             eventually(
                 lambda: client.get(f"/jobs/{job_ids[0]}").json()["metadata"].get("storage_faults", 0) >= 1,
                 "a storage fault recorded",

@@ -48,7 +48,9 @@ def keys_json(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
 # ----- seidra keys -----
 
 
-def test_keys_create_list_and_revoke(database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_keys_create_list_and_revoke(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: F811
     monkeypatch.setenv("SEIDRA_DATABASE_URL", database_url)
     store = ApiKeyStore(database_url)
     assert main(["keys", "create", "--user", "alice"]) == 0  # on an empty database: the schema comes first
@@ -70,7 +72,11 @@ def test_keys_create_list_and_revoke(database_url: str, monkeypatch: pytest.Monk
     assert [(key["key_id"], key["user"], key["admin"], key["revoked_at"]) for key in listed] == [
         (alice.key_id, "alice", False, None), (ops.key_id, "ops@example.org", True, None)
     ]  # fmt: skip
-    assert (listed[1]["max_waiting_realtime"], listed[1]["max_waiting_batch"], listed[1]["submissions_per_minute"]) == (5, None, 10)
+    assert (listed[1]["max_waiting_realtime"], listed[1]["max_waiting_batch"], listed[1]["submissions_per_minute"]) == (
+        5,
+        None,
+        10,
+    )
     assert listed[0]["expires_at"] is None and str(listed[1]["expires_at"]).endswith("+00:00")
 
     assert main(["keys", "list"]) == 0
@@ -120,7 +126,9 @@ def test_a_bad_user_name_is_one_line_and_stores_nothing(capsys: pytest.CaptureFi
         (["--submissions-per-minute", "-2"], "--submissions-per-minute"),
     ],
 )
-def test_bad_options_are_refused_before_anything_is_stored(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options_are_refused_before_anything_is_stored(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["keys", "create", "--user", "alice", *argv])
     assert exited.value.code == 2
@@ -134,7 +142,14 @@ def test_the_first_admin_key_before_the_service_is_up(tmp_path: Path, isolated_h
     env["SEIDRA_HOME"] = str(isolated_home)
     key_file = tmp_path / "admin.key"
     with key_file.open("w") as out:
-        done = subprocess.run([str(SEIDRA), "keys", "create", "--user", "root", "--admin"], env=env, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run(
+            [str(SEIDRA), "keys", "create", "--user", "root", "--admin"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 0, done.stderr
     assert "It is not shown again" in done.stderr
     key = key_file.read_text().strip()
@@ -217,7 +232,9 @@ def test_a_key_that_cannot_be_had_is_one_line_and_nothing_is_sent(
 def test_a_refused_key_says_to_set_seidra_api_key(
     status: int, detail: str, hint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_api(monkeypatch, lambda _request: httpx.Response(status, headers={"WWW-Authenticate": "Bearer"}, json={"detail": detail}))
+    fake_api(
+        monkeypatch, lambda _request: httpx.Response(status, headers={"WWW-Authenticate": "Bearer"}, json={"detail": detail})
+    )
     monkeypatch.setenv("SEIDRA_API_KEY", KEY)
     assert main(["lane", "pause", "batch", "--url", "http://seidra.test"]) == 1
     line = one_error_line(capsys)

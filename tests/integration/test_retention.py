@@ -25,7 +25,11 @@ SCRIPT = Path(__file__).parents[2] / "scripts" / "sync-minio.sh"
 
 def completed_job(jobs: JobStore) -> str:
     [job] = jobs.add_all(
-        [GenerationJob(prompt="p", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1, priority=8, lane="batch")]
+        [
+            GenerationJob(
+                prompt="p", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1, priority=8, lane="batch"
+            )
+        ]
     )
     jobs.transition(job.id, JobStatus.RUNNING)
     jobs.transition(job.id, JobStatus.COMPLETED, result_key=image_key(str(job.id)))

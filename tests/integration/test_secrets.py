@@ -90,7 +90,9 @@ class Seen:
             # of SigV4: the job's owner gets one. Anywhere else the access key is a finding too.
             return value.encode() in text.replace(f"{SIGV4_CREDENTIAL}{value}".encode(), b"")
 
-        return [f"{name} in {where}" for name, value in secrets.items() for where, text in self.texts.items() if found(value, text)]
+        return [
+            f"{name} in {where}" for name, value in secrets.items() for where, text in self.texts.items() if found(value, text)
+        ]
 
 
 def every_route(api: httpx.Client, seen: Seen, schema: dict[str, Any], job_id: str) -> None:

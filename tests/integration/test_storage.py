@@ -88,7 +88,9 @@ def schema_differences(database_url: str) -> list[Any]:
         # SQLite's reflection loses an index's DESC, so alembic cannot compare indexes there: their
         # stored DDL is compared with the models' instead.
         context = MigrationContext.configure(connection, opts={"include_object": _not_an_index})
-        stored = dict(connection.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").all())
+        stored = dict(
+            connection.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").all()
+        )
         modelled = {
             index.name: str(CreateIndex(index).compile(dialect=connection.dialect))
             for table in SQLModel.metadata.tables.values()
@@ -150,10 +152,13 @@ def test_migration_0002_downgrades_and_upgrades_again_keeping_the_jobs(database_
     inspector = sa.inspect(get_engine(database_url))
     assert "idempotency_keys" not in inspector.get_table_names()
     assert {index["name"] for index in inspector.get_indexes("generation_jobs")} == {
-        "ix_generation_jobs_status", "ix_generation_jobs_batch_id", "ix_generation_jobs_status_lane"
+        "ix_generation_jobs_status",
+        "ix_generation_jobs_batch_id",
+        "ix_generation_jobs_status_lane",
     }
     assert {index["name"] for index in inspector.get_indexes("notifications")} == {
-        "ix_notifications_job_id", "ix_notifications_level"
+        "ix_notifications_job_id",
+        "ix_notifications_level",
     }
 
     upgrade(database_url)
@@ -162,9 +167,7 @@ def test_migration_0002_downgrades_and_upgrades_again_keeping_the_jobs(database_
     assert [n.message for n in NotificationService(database_url).list(job_id=job.id)] == ["kept"]
 
 
-def test_sqlite_migrations_run_without_foreign_keys_then_restore_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sqlite_migrations_run_without_foreign_keys_then_restore_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     seen: list[int] = []
     run_migrations = EnvironmentContext.run_migrations
@@ -307,7 +310,9 @@ def test_old_idempotency_keys_are_deleted(store: JobStore, database_url: str) ->
     old, recent = store.submit([new_job()], claim("old")), store.submit([new_job()], claim("recent"))
     now = datetime.now(timezone.utc)
     with get_engine(database_url).begin() as connection:
-        connection.execute(sa.update(IdempotencyKey).where(IdempotencyKey.key == "old").values(created_at=now - timedelta(days=2)))
+        connection.execute(
+            sa.update(IdempotencyKey).where(IdempotencyKey.key == "old").values(created_at=now - timedelta(days=2))
+        )
     # Any time zone: the cutoff is compared in UTC.
     assert store.delete_idempotency_keys((now - timedelta(days=1)).astimezone(timezone(timedelta(hours=-5)))) == 1
     assert store.submit([new_job()], claim("old")).created
@@ -317,10 +322,12 @@ def test_old_idempotency_keys_are_deleted(store: JobStore, database_url: str) ->
 
 def test_hold_many_marks_only_pending_jobs_with_one_statement(store: JobStore, database_url: str) -> None:
     statuses = ["pending", "pending", "running", "completed", "failed"]
-    jobs = store.add_all([
-        new_job(status=statuses[n % 5], meta={"origin": n, "degraded": {"first": "hold"}} if n % 2 else {"origin": n})
-        for n in range(1000)
-    ])
+    jobs = store.add_all(
+        [
+            new_job(status=statuses[n % 5], meta={"origin": n, "degraded": {"first": "hold"}} if n % 2 else {"origin": n})
+            for n in range(1000)
+        ]
+    )
     holds = [(str(job.id), {"reason": "no healthy GPU", "retry_after_seconds": n}) for n, job in enumerate(jobs)]
     with statements(database_url) as seen:
         changed = store.hold_many(holds)
@@ -388,10 +395,9 @@ def test_newest_first_listings_read_an_index_in_order(store: JobStore, database_
     # Filters as selective as they would be in production: one job in ten is waiting, is a batch
     # job, belongs to the batch, gets an `info` notification.
     batch_id = uuid.uuid4()
-    jobs = store.add_all([
-        new_job(8, status="pending", batch_id=batch_id) if n % 10 == 1 else new_job(2, status="completed")
-        for n in range(300)
-    ])
+    jobs = store.add_all(
+        [new_job(8, status="pending", batch_id=batch_id) if n % 10 == 1 else new_job(2, status="completed") for n in range(300)]
+    )
     notes = NotificationService(database_url)
     notes.notify_many([(str(job.id), Level.INFO if n % 10 == 1 else Level.WARNING, "hello") for n, job in enumerate(jobs * 2)])
     with get_engine(database_url).connect() as connection:

@@ -306,9 +306,7 @@ def test_workers_that_never_become_usable_are_named_with_their_reasons() -> None
 def test_no_worker_at_all_is_explained_with_what_serve_says() -> None:
     unscheduled = "DiffusionWorker: Deployment 'DiffusionWorker' has 1 replicas that have taken more than 30s to be scheduled."
     with pytest.raises(ClusterError) as raised:
-        wait_for_workers(
-            router_says(status()), serve_says(ServeAppState("DEPLOYING", unscheduled)), timeout_s=0.1, poll_s=0.01
-        )
+        wait_for_workers(router_says(status()), serve_says(ServeAppState("DEPLOYING", unscheduled)), timeout_s=0.1, poll_s=0.01)
     assert str(raised.value).startswith("no worker replica reported within 0 s (not enough GPUs or CPUs")
     assert str(raised.value).endswith(f"; Serve says: {unscheduled}; see `serve status`")
 

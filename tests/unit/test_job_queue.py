@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduling.job_queue import LaneQueues, FairShareJobQueue, QueuedJob, QueueFullError
+from scheduling.job_queue import FairShareJobQueue, LaneQueues, QueuedJob, QueueFullError
 from scheduling.lanes import Lane
 
 LIMITS = {Lane.REALTIME: 3, Lane.BATCH: 5}
@@ -82,7 +82,10 @@ def test_depth_limits_apply_per_lane_and_to_the_whole_submission() -> None:
     with pytest.raises(QueueFullError) as refused:
         queue.check_room(Lane.REALTIME)
     assert (refused.value.lane, refused.value.depth, refused.value.limit, refused.value.retry_after_s) == (
-        Lane.REALTIME, 3, 3, 7,
+        Lane.REALTIME,
+        3,
+        3,
+        7,
     )
     queue.check_room(Lane.BATCH, 5)  # the batch lane has its own limit
     with pytest.raises(QueueFullError):
@@ -105,7 +108,11 @@ def test_refusals_survive_pickling_across_actor_boundaries() -> None:
 
     full = pickle.loads(pickle.dumps(QueueFullError(Lane.BATCH, 20, 20, 5)))
     assert (full.lane, full.depth, full.limit, full.retry_after_s, str(full)) == (
-        Lane.BATCH, 20, 20, 5, "the batch queue is full (20 waiting, limit 20)",
+        Lane.BATCH,
+        20,
+        20,
+        5,
+        "the batch queue is full (20 waiting, limit 20)",
     )
     illegal = pickle.loads(pickle.dumps(IllegalTransition("j", JobStatus.COMPLETED, JobStatus.CANCELLED)))
     assert str(illegal) == "job j is completed; it cannot become cancelled"

@@ -8,7 +8,6 @@ errors, heartbeats, cancels, retries, maintenance, pauses and time.
 from __future__ import annotations
 
 from collections import Counter
-
 from dataclasses import dataclass, replace
 
 from hypothesis import HealthCheck, settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduling.lanes import Lane, lane_for
 from scheduling.job_queue import QueueFullError
+from scheduling.lanes import Lane, lane_for
 from scheduling.quota import Quota, QuotaExceeded, SubmissionTooLarge
 from scheduling.scheduler import UnknownJob
 from storage.job_status import JobStatus
@@ -24,7 +24,9 @@ def submit_as(core: Core, owner: str, *specs_: tuple[str, int], quota: Quota = Q
 def test_unfinished_jobs_are_limited_per_user_and_lane_and_free_up_as_jobs_end() -> None:
     core = Core()
     submit_as(core, "ann", ("r1", 2), ("r2", 2))
-    with pytest.raises(QuotaExceeded, match="2 unfinished realtime job\\(s\\) already, 1 more asked for; the limit per user is 2") as refused:
+    with pytest.raises(
+        QuotaExceeded, match="2 unfinished realtime job\\(s\\) already, 1 more asked for; the limit per user is 2"
+    ) as refused:
         submit_as(core, "ann", ("r3", 2))
     assert refused.value.retry_after_s == 5
     submit_as(core, "bob", ("b-r1", 2), ("b-r2", 2))  # another user's room is their own

@@ -130,9 +130,7 @@ def test_seidra_up_writes_its_files_for_its_owner_alone(shell: pytest.MonkeyPatc
     assert list(UpState.path().parent.glob("*.partial")) == []
 
 
-def test_storage_settings_pickle_without_secrets_and_read_the_receivers_own(
-    shell: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_storage_settings_pickle_without_secrets_and_read_the_receivers_own(shell: pytest.MonkeyPatch, tmp_path: Path) -> None:
     secret_file = tmp_path / "s3-secret"
     secret_file.write_text("secret-from-file\n")
     shell.setenv("SEIDRA_DATABASE_URL", SECRETS["SEIDRA_DATABASE_URL"])
