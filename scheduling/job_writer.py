@@ -15,11 +15,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import sqlalchemy.exc
-
 from scheduling import metrics
 from scheduling.lanes import lane_for
 from scheduling.scheduler import JobWrite
+from storage.database import DATABASE_OUTAGES
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobStore
 from storage.models import GenerationJob, utcnow
@@ -29,7 +28,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that say nothing about the write itself: the database could not be reached or was busy.
-STORAGE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
 
 
 class JobWriter:
@@ -79,7 +77,7 @@ class JobWriter:
         while True:
             try:
                 return await asyncio.to_thread(call, retried)
-            except STORAGE_OUTAGES as outage:
+            except DATABASE_OUTAGES as outage:
                 metrics.storage_errors().inc(tags={"call": "write"})
                 logger.warning("Database write failed (%s); retrying in %.1f s", type(outage).__name__, delay_s)
                 await asyncio.sleep(delay_s)

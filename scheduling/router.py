@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from scheduling import metrics, tracing
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaSnapshot
 from scheduling.hold import Backoff
-from scheduling.job_writer import STORAGE_OUTAGES, JobWriter
+from scheduling.job_writer import JobWriter
 from scheduling.lanes import Lane, lane_for
 from scheduling.quota import Quota
 from scheduling.retry_later import RetryLater
@@ -50,6 +50,7 @@ from scheduling.settings import RouterSettings
 from scheduling.work import GenerationParams
 from scheduling.worker_calls import CallFailed, WorkerCalls
 from storage.api_keys import KeyLimits
+from storage.database import DATABASE_OUTAGES
 from storage.job_status import JobStatus
 from storage.jobs import IdempotencyClaim, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob, utcnow
@@ -262,7 +263,7 @@ class JobRouter:
         """A database call on the request path; an outage is the caller's cue to come back (503)."""
         try:
             return await asyncio.to_thread(call, *args)
-        except STORAGE_OUTAGES as outage:
+        except DATABASE_OUTAGES as outage:
             metrics.storage_errors().inc(tags={"call": getattr(call, "__name__", "database")})
             raise RouterUnavailable(
                 f"the database is unreachable ({type(outage).__name__})", self._settings.unavailable_retry_after_s

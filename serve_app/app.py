@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
-import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +46,7 @@ from serve_app.schemas import (
 )
 from serve_app.settings import AppSettings, settings_from_args
 from storage.api_keys import ApiKeyStore, KeyLimits, Principal
+from storage.database import DATABASE_OUTAGES
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, JobStore, Submission, as_utc
 from storage.models import GenerationJob
@@ -79,8 +79,6 @@ api = FastAPI(
     docs_url=None,
     redoc_url=None,
 )
-
-DATABASE_OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
 
 
 def _database_unreachable(error: Exception) -> JSONResponse:

@@ -4,7 +4,9 @@ With `SEIDRA_AUTH=off` (loopback only, `build_app` and `seidra up` refuse it oth
 request comes from one local user who is an admin and has no per-user quota.
 
 A key's check is one primary-key read; its answer is kept for `cache_s`, so a busy client costs the
-database one read every few seconds and a revoked key stops working within that time. The check is
+database one read every few seconds and a revoked key stops working within that time. While the
+database is unreachable, an answer up to `outage_grace_s` old still stands: operators keep their
+`/status` through an outage (a revocation then waits for the database). The check is
 an ASGI middleware: FastAPI reads and decodes a body before it resolves a route's dependencies, and
 a caller without a key must cost no more than its headers.
 """
@@ -24,9 +26,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from storage.api_keys import LOCAL_USER, ApiKeyStore, KeyLimits, Principal, key_hash
+from storage.database import DATABASE_OUTAGES
 
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER, admin=True, key_id=None, limits=KeyLimits())
 AUTH_CACHE_S = 2.0
+OUTAGE_GRACE_S = 300.0
 # Answers for this many different keys at most; a client spraying random keys cannot grow it further.
 MAX_CACHED_KEYS = 10_000
 
@@ -40,13 +44,15 @@ class Authenticator:
         mode: Literal["keys", "off"],
         keys: ApiKeyStore,
         cache_s: float = AUTH_CACHE_S,
+        outage_grace_s: float = OUTAGE_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._mode = mode
         self._keys = keys
         self._cache_s = cache_s
+        self._outage_grace_s = outage_grace_s
         self._clock = clock
-        self._answers: dict[str, tuple[Principal | None, float]] = {}
+        self._answers: dict[str, tuple[Principal | None, float]] = {}  # key hash -> (answer, checked at)
 
     async def principal(self, credentials: HTTPAuthorizationCredentials | None) -> Principal:
         """The caller, or 401 for a missing, malformed, unknown, revoked or expired key."""
@@ -63,12 +69,17 @@ class Authenticator:
         # Keyed by the key's hash: the cache holds no key a memory dump could reuse.
         digest, now = key_hash(key), self._clock()
         cached = self._answers.get(digest)
-        if cached is not None and cached[1] > now:
+        if cached is not None and now - cached[1] < self._cache_s:
             return cached[0]
-        principal = await asyncio.to_thread(self._keys.authenticate, key)
+        try:
+            principal = await asyncio.to_thread(self._keys.authenticate, key)
+        except DATABASE_OUTAGES:
+            if cached is not None and now - cached[1] < self._outage_grace_s:
+                return cached[0]
+            raise
         if len(self._answers) >= MAX_CACHED_KEYS:
             self._answers.clear()
-        self._answers[digest] = (principal, now + self._cache_s)
+        self._answers[digest] = (principal, now)
         return principal
 
 

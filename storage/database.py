@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITES = "seidra_writes"
+# What an unreachable or overloaded database raises: callers wait and try again, or answer 503.
+DATABASE_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
 @lru_cache(maxsize=8)

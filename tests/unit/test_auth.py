@@ -103,3 +103,26 @@ def test_the_key_is_checked_before_the_body_is_read(keys: ApiKeyStore) -> None:
     refused, schema = asyncio.run(call())
     assert (refused.status_code, refused.headers["www-authenticate"], body_reads) == (401, "Bearer", 0)
     assert schema.status_code == 401
+
+
+def test_during_a_database_outage_a_recently_checked_key_still_works(
+    keys: ApiKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy.exc
+
+    clock = Clock()
+    authenticator = Authenticator("keys", keys, cache_s=2.0, outage_grace_s=300.0, clock=clock)
+    known, unseen = keys.create("ann").key, keys.create("bob").key
+    assert principal_of(authenticator, bearer(known)).user == "ann"
+
+    def unreachable(_key: str) -> Principal | None:
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, ConnectionRefusedError())
+
+    monkeypatch.setattr(keys, "authenticate", unreachable)
+    clock.advance(299)
+    assert principal_of(authenticator, bearer(known)).user == "ann"
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # never checked: the API answers 503
+        principal_of(authenticator, bearer(unseen))
+    clock.advance(2)
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # checked too long ago
+        principal_of(authenticator, bearer(known))
