@@ -440,11 +440,13 @@ def cmd_cleanup(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_make_tiny_model(args: argparse.Namespace) -> None:
-    from deployments.tiny_model import make_tiny_model
+def cmd_make_model(args: argparse.Namespace) -> None:
+    from deployments.random_model import ARCHITECTURES, make_random_model
 
-    folder = make_tiny_model(args.dir)
-    print(f"Wrote a tiny random-weight pipeline to {folder} (its images are noise).")
+    architecture = ARCHITECTURES[args.architecture]
+    print(f"Building a random-weight {architecture.name} pipeline ({architecture.save_dtype}) in {args.dir}...")
+    folder = make_random_model(args.dir, architecture)
+    print(f"Wrote a random-weight {architecture.name} pipeline to {folder} (its images are noise).")
     print(f"Use it with: export SEIDRA_MODEL={folder}")
 
 
@@ -669,8 +671,17 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="List what would go; change nothing.")
     cleanup.add_argument("--archive-dir", type=Path, help="Where to archive (default: SEIDRA_HOME/archive/<date>).")
 
-    tiny = command("make-tiny-model", cmd_make_tiny_model, "Write a tiny random-weight diffusers pipeline to DIR.")
+    from deployments.random_model import ARCHITECTURES  # plain data: torch and diffusers load only when building
+
+    model = command("make-model", cmd_make_model, "Write a random-weight diffusers pipeline to DIR (nothing downloaded).")
+    model.add_argument("dir", type=Path)
+    model.add_argument(
+        "--architecture", choices=list(ARCHITECTURES), default="tiny",
+        help="tiny (tests, demos) or sd15: Stable Diffusion 1.5's full size, for GPU benchmarks (default tiny).",
+    )  # fmt: skip
+    tiny = command("make-tiny-model", cmd_make_model, "Write the tiny random-weight diffusers pipeline to DIR.")
     tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(architecture="tiny")
 
     db = commands.add_parser("db", help="Database schema.")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
