@@ -379,7 +379,7 @@ class Scheduler:
             if spec.status is JobStatus.RUNNING:
                 actions.append(Persist(self._write(record, JobStatus.PENDING, metadata={"requeued": reason})))
                 # Every replica alive reports within the TTL: after it, a previous call still
-                # running would show in `runs_elsewhere`.
+                # running would show in `SlotPlan.runs_elsewhere`.
                 record.inherited_until = now + self._config.worker_ttl_s
             if spec.not_before_s > now:
                 self._defer(record, spec.not_before_s)
@@ -670,16 +670,17 @@ class Scheduler:
                     self._queue.remove(record.job_id)
                     starts += self._start(record, record.checkpoint.replica_id)
         still_running: list[QueuedJob] = []
-        while self._pool.usable_slots() > 0:
+        plan = self._pool.plan()
+        while plan.free_slots > 0:
             queued = self._queue.pop()
             if queued is None:
                 break
-            if self._pool.runs_elsewhere(queued.job_id) or self._records[queued.job_id].inherited_until > self._clock():
+            if plan.runs_elsewhere(queued.job_id) or self._records[queued.job_id].inherited_until > self._clock():
                 # A previous router's call still runs it: running it twice would store its image twice.
                 still_running.append(queued)
                 continue
             record = self._records[queued.job_id]
-            replica_id = self._pool.assign(record.job_id)
+            replica_id = plan.assign(record.job_id)
             assert replica_id is not None  # there was a usable slot
             starts += self._start(record, replica_id)
         for queued in still_running:
