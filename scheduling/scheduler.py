@@ -13,6 +13,7 @@ is unfinished work.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections import Counter
@@ -281,6 +282,7 @@ class Scheduler:
         self._unfinished: Counter[tuple[str, Lane]] = Counter()  # jobs held here, per owner and lane
         self._buckets: dict[str, TokenBucket] = {}
         self._next_bucket_sweep_at = 0.0
+        self._deferred: list[tuple[float, str]] = []  # (ready_at, job id) heap; see `_next_deferred`
         self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
 
     # ----- submissions and recovery -----
@@ -599,7 +601,7 @@ class Scheduler:
         """What time makes happen: silent replicas drop, countdowns end, holds, then dispatch."""
         actions = self._expire_replicas()
         now = self._clock()
-        for record in [r for r in self._records.values() if r.place is Place.DEFERRED and r.ready_at <= now]:
+        while (record := self._next_deferred()) is not None and record.ready_at <= now:
             self._enqueue(record)
         actions += self._hold_waiting(now)
         actions += self.schedule()
@@ -653,7 +655,8 @@ class Scheduler:
     def next_wakeup(self) -> float:
         """When `tick` next has something to do without any event: an expiry, a countdown, a delay."""
         times = [self._pool.next_expiry()]
-        times += [r.ready_at for r in self._records.values() if r.place is Place.DEFERRED]
+        if (deferred := self._next_deferred()) is not None:
+            times.append(deferred.ready_at)
         if self._pool.outage_reason() is not None:
             times += [r.next_delay_at for r in self._records.values() if r.place in QUEUED]
         return min(times)
@@ -811,6 +814,18 @@ class Scheduler:
         self._track(record)
         record.place = Place.DEFERRED
         record.ready_at = until
+        heapq.heappush(self._deferred, (until, record.job_id))
+
+    def _next_deferred(self) -> JobRecord | None:
+        """The deferred job that is ready first. Entries of jobs that left or were deferred again
+        since are dropped as they reach the top: a tick costs the jobs it wakes, not all deferred."""
+        while self._deferred:
+            until, job_id = self._deferred[0]
+            record = self._records.get(job_id)
+            if record is not None and record.place is Place.DEFERRED and record.ready_at == until:
+                return record
+            heapq.heappop(self._deferred)
+        return None
 
     def _unplace(self, record: JobRecord) -> None:
         if record.place in QUEUED:
