@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit lint load drill clean
+.PHONY: demo test unit lint load drill bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,7 @@ load: $(STAMP)
 # The GPU-fault drill of docs/gpu-fault-drill.md, on this machine.
 drill: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra} $(BIN)/python -m serve_app.drill
+
+# docs/benchmarks.md's figures: each run appends a dated result (machine, command, table, raw JSON).
+bench: $(STAMP)
+	$(BIN)/python -m bench.core_scale --steps 60 --record docs/benchmarks.md

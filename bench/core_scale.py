@@ -18,7 +18,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from bench import record
 from scheduling.directives import Health, Mode, ReplicaSnapshot
 from scheduling.lanes import Lane, lane_for
 from scheduling.scheduler import JobSpec, Scheduler, SchedulerConfig, Start
@@ -128,13 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices-per-job", type=int, default=defaults.slices_per_job)
     parser.add_argument("--inference-s-per-slice", type=float, default=defaults.inference_s_per_slice)
     parser.add_argument("--steps", type=int, default=20, help="Simulated slice periods to time (default 20).")
+    parser.add_argument("--record", type=Path, help="Append the result to this file (docs/benchmarks.md).")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fleet = Fleet(args.replicas, args.jobs, args.users, args.slices_per_job, inference_s_per_slice=args.inference_s_per_slice)
-    print(json.dumps(run(fleet, args.steps), indent=2))
+    report = run(fleet, args.steps)
+    print(json.dumps(report, indent=2))
+    if args.record:
+        figures = {
+            "replicas / jobs waiting": f"{fleet.replicas:,} / {fleet.jobs:,}",
+            "core decisions per second": f"{report['decisions_per_s']:,}",
+            "decisions the fleet needs per second": f"{report['decisions_needed_per_s']:,}",
+            "capacity / need": report["capacity_over_need"],
+            "jobs submitted per second (batches of 500)": f"{report['jobs_submitted_per_s']:,}",
+        }
+        record.append(args.record, "Scheduling core at scale (bench.core_scale)", figures, report)
     return 0
 
 
