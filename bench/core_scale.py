@@ -52,6 +52,7 @@ class Simulation:
         self.core = Scheduler(config, clock=lambda: self.now, rand=lambda: 0.5)
         self.running: dict[str, tuple[Start, int]] = {}  # job id -> (its call, steps done)
         self.decisions = 0
+        self.next_reporter = 0
 
     def clock(self) -> float:
         return self.now
@@ -71,10 +72,10 @@ class Simulation:
         return time.perf_counter() - began
 
     def heartbeats(self, share: float) -> None:
-        """`share` of the replicas report, each with what it runs."""
-        count = int(self.fleet.replicas * share)
-        for index in range(count):
-            self.core.heartbeat(f"gpu-{index:04}", 1, HEALTHY)
+        """The next `share` of the replicas report, in turn, so that each reports every `heartbeat_s`."""
+        for _ in range(int(self.fleet.replicas * share)):
+            self.core.heartbeat(f"gpu-{self.next_reporter:04}", 1, HEALTHY)
+            self.next_reporter = (self.next_reporter + 1) % self.fleet.replicas
             self.decisions += 1
 
     def step(self) -> int:

@@ -20,6 +20,12 @@ def test_every_replica_gets_a_call_each_slice_and_every_decision_is_counted() ->
     assert report["decisions_needed_per_s"] == 20 * (2 / 0.5 + 1 / 2.0)
 
 
+def test_replicas_report_in_turn_and_none_expires_over_a_long_run() -> None:
+    fleet = Fleet(replicas=8, jobs=2_000, users=3, slices_per_job=2)
+    steps = 4 * 20  # 40 simulated seconds: twice the replicas' TTL
+    assert run(fleet, steps=steps)["calls_dispatched"] == 8 * steps
+
+
 def test_a_recorded_run_appends_a_dated_section_with_machine_command_table_and_json(tmp_path: Path) -> None:
     document = tmp_path / "benchmarks.md"
     document.write_text("# Benchmarks\n\nHow to read them.\n")
