@@ -140,3 +140,14 @@ def test_calls_a_replica_reports_count_until_they_end() -> None:
     assert pool.assign("j2") is None  # one slot is still taken by a call this router never sent
     pool.release("a", "j1")
     assert pool.usable_slots() == 1  # released at once, not at the next report
+
+
+def test_one_plan_hands_out_slots_as_one_assignment_at_a_time_would() -> None:
+    pool, _ = pool_with("a", "b", "c", slots=2)
+    pool.report("c", 2, HOT)
+    pool.report("b", 2, replace(HEALTHY, running_jobs=("previous-router",)))  # a call this router never sent
+    plan = pool.plan()
+    assert plan.free_slots == 3 and plan.runs_elsewhere("previous-router") and not plan.runs_elsewhere("j0")
+    assert [plan.assign(f"j{i}") for i in range(4)] == ["a", "b", "a", None]
+    assert plan.free_slots == 0
+    assert pool.assign("j4") is None  # the plan's assignments are the pool's own
