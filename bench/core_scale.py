@@ -54,19 +54,17 @@ class Simulation:
         self.decisions = 0
         self.next_reporter = 0
 
-    def clock(self) -> float:
-        return self.now
-
     def submit_all(self) -> float:
         """Every job, in submissions of SUBMISSION_SIZE; returns the wall seconds it took."""
         params = GenerationParams("a lighthouse", None, 512, 512, self.fleet.slices_per_job, 7.5, 1)
         began = time.perf_counter()
         for first in range(0, self.fleet.jobs, SUBMISSION_SIZE):
+            owner = f"user-{first // SUBMISSION_SIZE % self.fleet.users}"  # each submission is one user's
             specs = [
-                JobSpec(f"job-{n}", 2 if n % REALTIME_SHARE == 0 else 8, float(n), params, owner=f"user-{n % self.fleet.users}")
+                JobSpec(f"job-{n}", 2 if n % REALTIME_SHARE == 0 else 8, float(n), params, owner=owner)
                 for n in range(first, min(first + SUBMISSION_SIZE, self.fleet.jobs))
             ]
-            self.core.release(self.core.reserve([lane_for(spec.priority) for spec in specs], specs[0].owner))
+            self.core.release(self.core.reserve([lane_for(spec.priority) for spec in specs], owner))
             self.core.submit(specs)
             self.decisions += 1
         return time.perf_counter() - began
