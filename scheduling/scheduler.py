@@ -457,20 +457,18 @@ class Scheduler:
         not_before = now + countdown_s
         metadata = {"failures": 0, "retry": {"requested_at": utc(now).isoformat(), "not_before": utc(not_before).isoformat()}}
         record = self._records.get(job.job_id)
+        self._check_retry(job, record)
         if record is None or record.lane is not lane_for(priority):
-            self._check_retry(job, record)
             self._admit(Counter({lane_for(priority): 1}), job.owner, quota)
         if record is None:
             record = self._new_record(replace(job, priority=priority))
             write = self._write(record, JobStatus.PENDING, metadata=metadata, reopen=True, priority=priority)
-        elif self._is_retriable(record):
+        else:  # held: it leaves its hold for the realtime lane
             self._unplace(record)
             self._untrack(record)
             record.queued = replace(record.queued, priority=priority)
             self._track(record)
             write = self._write(record, JobStatus.PENDING, metadata=metadata, priority=priority)
-        else:
-            self._check_retry(job, record)
         record.failures = 0
         if countdown_s > 0:
             self._defer(record, not_before)
@@ -478,18 +476,15 @@ class Scheduler:
             self._enqueue(record)
         return [Persist(write)]
 
-    def _check_retry(self, job: JobSpec, record: JobRecord | None) -> None:
-        """Raise IllegalTransition unless the job may be retried (before any room is taken for it)."""
+    @staticmethod
+    def _check_retry(job: JobSpec, record: JobRecord | None) -> None:
+        """Raise IllegalTransition unless the job is ended (failed, cancelled) or held here."""
         if record is None:
             if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
                 raise IllegalTransition(job.job_id, job.status, JobStatus.PENDING)
-        elif not self._is_retriable(record):
+        elif not (record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None)):
             current = JobStatus.CANCELLED if record.place is Place.STOPPING else record.db_status
             raise IllegalTransition(job.job_id, current, JobStatus.PENDING)
-
-    @staticmethod
-    def _is_retriable(record: JobRecord) -> bool:
-        return record.place is Place.HELD or (record.place is Place.DEFERRED and record.hold is not None)
 
     # ----- calls -----
 
