@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 # Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
-ROUTER_API_VERSION = 4
+ROUTER_API_VERSION = 5
 ROUTER_VERSION_TIMEOUT_S = 60.0
 # Short enough that the API answers soon after the database is back.
 RECOVERY_RETRY_MAX_S = 10.0
@@ -324,6 +324,21 @@ class JobRouter:
 
     async def status(self) -> dict[str, Any]:
         return {**self._core.status(), "recovering": not self._ready.is_set()}
+
+    async def progress(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """The job's live state (JSON), or None once it has ended or when it is not `owner`'s: the
+        database then has the last word."""
+        progress = self._core.progress(job_id, owner)
+        if progress is None:
+            return None
+        return {
+            "state": progress.place.value,
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "queue_position": progress.queue_position,
+            "replica_id": progress.replica_id,
+            "held": None if progress.hold is None else progress.hold.document(),
+        }
 
     async def api_version(self) -> int:
         return ROUTER_API_VERSION

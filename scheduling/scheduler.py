@@ -71,6 +71,8 @@ class SchedulerConfig:
     storage_backoff: Backoff = field(default_factory=lambda: Backoff(base_s=2.0, cap_s=60.0))
     # A store that stays broken (wrong credentials, a folder never repaired) must not keep a job forever.
     max_storage_faults: int = 20
+    # Queue positions are a walk of the whole queue: shown positions may be this old.
+    queue_position_ttl_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,22 @@ class JobRecord:
         return self.queued.owner
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What the core knows of an unfinished job right now (`GET /jobs/{id}`, its event stream).
+
+    `step` is where its denoising stood when its last slice ended. `queue_position` counts the jobs
+    that go before it, while it waits (held included); it may be `queue_position_ttl_s` old.
+    """
+
+    place: Place
+    step: int
+    total_steps: int
+    queue_position: int | None
+    hold: Hold | None
+    replica_id: str | None
+
+
 class UnknownJob(LookupError):
     """The core does not hold this job: it has ended, or never reached this router."""
 
@@ -284,6 +302,8 @@ class Scheduler:
         self._next_bucket_sweep_at = 0.0
         self._deferred: list[tuple[float, str]] = []  # (ready_at, job id) heap; see `_next_deferred`
         self._suspects: frozenset[tuple[str, str | None, Any]] = frozenset()
+        self._positions: dict[str, int] = {}
+        self._positions_due = 0.0
 
     # ----- submissions and recovery -----
 
@@ -795,6 +815,33 @@ class Scheduler:
 
     def replicas(self) -> list[dict[str, Any]]:
         return self._pool.describe()
+
+    def progress(self, job_id: str, owner: str | None = None) -> Progress | None:
+        """The job's live state; None when the core does not hold it (with `owner`: not theirs either)."""
+        record = self._records.get(job_id)
+        if record is None or owner not in (None, record.owner):
+            return None
+        position = self._queue_position(job_id) if record.place in QUEUED else None
+        checkpoint, call = record.checkpoint, record.call
+        return Progress(
+            place=record.place,
+            step=checkpoint.step if checkpoint else 0,
+            total_steps=record.params.num_inference_steps,
+            queue_position=position,
+            hold=record.hold,
+            replica_id=call.replica_id if call else None,
+        )
+
+    def _queue_position(self, job_id: str) -> int | None:
+        """Ranks from one walk of the queue, redone once they are `queue_position_ttl_s` old: the
+        fair-share queue has no cheap rank, and a hundred watchers must not walk 100,000 jobs each."""
+        now, ttl_s = self._clock(), self._config.queue_position_ttl_s
+        # A job queued since the last walk has no rank in it: walk again, yet at most ten times a ttl.
+        stale = job_id not in self._positions and now >= self._positions_due - ttl_s * 0.9
+        if now >= self._positions_due or stale:
+            self._positions = {queued.job_id: rank for rank, queued in enumerate(self._queue)}
+            self._positions_due = now + ttl_s
+        return self._positions.get(job_id)
 
     # ----- moving a record between places -----
 

@@ -432,3 +432,25 @@ def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -
     core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
     [start] = core.starts()
     assert start.item.job_id == "inherited" and start.item.may_be_stored  # the replica looks first
+
+
+def test_progress_shows_the_step_reached_the_queue_position_and_the_hold() -> None:
+    core = Core()
+    core.submit(spec("rt-1", priority=2), spec("batch-1", priority=8, arrival=1), spec("batch-2", priority=8, arrival=2))
+    waiting = core.scheduler.progress("batch-2")
+    assert waiting is not None and (waiting.place, waiting.queue_position, waiting.step) == (Place.WAITING, 2, 0)
+    assert core.scheduler.progress("batch-2", owner="someone else") is None
+    core.report("r1")
+    [start] = core.starts()
+    running = core.scheduler.progress("rt-1")
+    assert running is not None and (running.place, running.queue_position, running.replica_id) == (Place.RUNNING, None, "r1")
+    core.finish_slice(start, steps=4)
+    core.clock.advance(1.0)  # positions are walked again once they are a ttl old
+    sliced = core.scheduler.progress("rt-1")
+    assert sliced is not None and (sliced.step, sliced.total_steps, sliced.queue_position) == (4, 8, 0)
+    assert core.scheduler.progress("batch-2").queue_position == 2  # type: ignore[union-attr]
+    core.report("r1", HOT)
+    core.clock.advance(10.0)
+    core.tick()
+    held = core.scheduler.progress("batch-1")
+    assert held is not None and held.place is Place.HELD and held.hold is not None and held.hold.delays == 1
