@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 from ray import serve
@@ -31,6 +31,7 @@ from scheduling.job_queue import QueueFullError
 from scheduling.lanes import Lane
 from scheduling.quota import QuotaExceeded, SubmissionTooLarge
 from scheduling.router import RouterUnavailable, get_or_create_router
+from serve_app import events
 from serve_app.auth import Authenticator, AuthMiddleware, admin, caller, owner_scope
 from serve_app.body_limit import BodyLimitMiddleware
 from serve_app.schemas import (
@@ -64,6 +65,12 @@ Caller = Annotated[Principal, Depends(caller)]
 Admin = Annotated[Principal, Depends(admin)]
 # What a user's GET /status shows of the router's view: no replica details, no other users' work.
 USER_STATUS_FIELDS = ("queues", "paused_lanes", "recovering")
+# A live view slower than this is treated as none: the router is busy restarting, say.
+LIVE_VIEW_TIMEOUT_S = 2.0
+# The router's refusals while it restarts or recovers: the live view is unknown for now.
+ROUTER_DOWN = (RayActorError, RayTaskError, asyncio.TimeoutError)
+MAX_EVENT_ID_CHARS = 200
+EVENT_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer it
 T = TypeVar("T")
 
 # FastAPI's own telemetry opens each request's server span (the root of a job's trace), with the
@@ -216,7 +223,8 @@ class SeidraAPI:
         self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings.router, storage)
         api.state.authenticator = Authenticator(settings.api.auth, ApiKeyStore(storage.database_url))
 
-    def _view(self, job: GenerationJob, principal: Principal) -> JobView:
+    def _view(self, job: GenerationJob, principal: Principal, live: dict[str, Any] | None = None) -> JobView:
+        """The job as the API shows it; `live`: the router's view of it (`JobRouter.progress`)."""
         fields = job.model_dump()
         image_url = None
         # Minted for the job's owner alone: an admin looking at it fetches the image through the API.
@@ -224,7 +232,9 @@ class SeidraAPI:
         if mine and fields["status"] == JobStatus.COMPLETED.value and fields["result_key"] and "archived" not in fields["meta"]:
             image_url = self._image_url(fields["id"], fields["result_key"])
         times = {name: as_utc(fields[name]) for name in ("created_at", "updated_at", "started_at", "finished_at")}
-        return JobView(**{**fields, **times, "metadata": fields["meta"], "image_url": image_url})
+        progress, position = events.shown_progress(job.status, job.started_at is not None, job.num_inference_steps, live)
+        shown = {"metadata": fields["meta"], "image_url": image_url, "progress": progress, "queue_position": position}
+        return JobView(**{**fields, **times, **shown})
 
     def _image_url(self, job_id: uuid.UUID, key: str) -> str:
         location = self._store.location(key)
@@ -235,6 +245,31 @@ class SeidraAPI:
             return await asyncio.to_thread(self._jobs.get, job_id, owner=owner_scope(principal))
         except JobNotFound as error:
             raise HTTPException(404, str(error)) from None
+
+    async def _live(self, job_id: uuid.UUID, principal: Principal) -> dict[str, Any] | None:
+        """The router's view of the caller's unfinished job; None once it ended, or while the router
+        cannot say (restarting, recovering): the database has the last word then."""
+        try:
+            call = self._router.progress.remote(str(job_id), owner_scope(principal))
+            live: dict[str, Any] | None = await asyncio.wait_for(call, LIVE_VIEW_TIMEOUT_S)
+        except ROUTER_DOWN:
+            return None
+        return live
+
+    async def _observe(self, job_id: uuid.UUID, principal: Principal) -> events.Observation:
+        """One poll of the event stream: the live view while the router holds the job, else the row."""
+        live = await self._live(job_id, principal)
+        if live is not None and live["state"] != "stopping":  # stopping: cancelled, its row says so soon
+            return events.Observation(live=live)
+        try:
+            job = await self._get(job_id, principal)
+        except HTTPException:
+            raise events.JobGone from None
+        except DATABASE_OUTAGES:
+            return events.Observation(live=live, note="the database is unreachable; waiting for it")
+        if JobStatus(job.status).is_terminal:
+            return events.Observation(final=self._view(job, principal).model_dump(mode="json"))
+        return events.Observation(live=live, note="waiting for the router's view of the job")
 
     @api.post(
         "/generation/single",
@@ -311,7 +346,37 @@ class SeidraAPI:
 
     @api.get("/jobs/{job_id}", response_model=JobView, responses=_errors(*READ_ERRORS, 404))
     async def get_job(self, job_id: uuid.UUID, principal: Caller) -> JobView:
-        return self._view(await self._get(job_id, principal), principal)
+        """The job; while it is unfinished, `progress` and `queue_position` come from the router."""
+        job = await self._get(job_id, principal)
+        live = None if JobStatus(job.status).is_terminal else await self._live(job_id, principal)
+        return self._view(job, principal, live)
+
+    @api.get(
+        "/jobs/{job_id}/events",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "Server-sent events until the job ends: `queued`, `started`, `progress`, `held`, "
+                "`resumed`, then `completed`, `failed` or `cancelled` (the job as GET /jobs/{id} shows it), "
+                "and the stream closes. Reconnect with `Last-Event-ID` to get only what came since.",
+            }
+        }
+        | _errors(*READ_ERRORS, 404),
+    )
+    async def job_events(
+        self,
+        job_id: uuid.UUID,
+        principal: Caller,
+        last_event_id: str | None = Header(None, max_length=MAX_EVENT_ID_CHARS),
+    ) -> StreamingResponse:
+        """The job's life as server-sent events (see `serve_app/events.py` for what an event id means)."""
+        await self._get(job_id, principal)  # someone else's job, or none: 404 before any streaming
+        return StreamingResponse(
+            events.stream(lambda: self._observe(job_id, principal), last_event_id),
+            media_type="text/event-stream",
+            headers=EVENT_STREAM_HEADERS,
+        )
 
     @api.get("/jobs", response_model=list[JobView], responses=_errors(*READ_ERRORS, 403))
     async def list_jobs(

@@ -122,6 +122,11 @@ GenerationView: type[BaseModel] = create_model(
 )
 
 
+class JobProgress(BaseModel):
+    step: int = Field(description="Denoising steps done (where its last step slice ended).")
+    total_steps: int
+
+
 class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built from GenerationParams
     id: uuid.UUID
     owner: str
@@ -138,6 +143,15 @@ class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    progress: JobProgress | None = Field(
+        None,
+        description="GET /jobs/{id}: the router's live view while the job is unfinished; every step once completed, "
+        "none before it started; null when unknown (the router restarting, a failed or cancelled job). "
+        "Listings know only the stored row.",
+    )
+    queue_position: int | None = Field(
+        None, description="GET /jobs/{id}: jobs ahead of it while it waits (held too), up to 1 s old; else null."
+    )
 
 
 class BatchAccepted(BaseModel):
