@@ -1,9 +1,15 @@
-"""One diffusers text-to-image pipeline, driven step slice by step slice.
+"""One diffusers text-to-image pipeline, denoising a batch of jobs per call, yielding between slices.
 
-A slice is one self-contained pipeline call. With an Euler scheduler a run stopped after step K
-(through `callback_on_step_end`) resumes exactly by calling the pipeline again with the remaining
-timesteps and the saved latents divided by that schedule's `init_noise_sigma` (the pipeline
-multiplies them back). Schedulers that cannot resume this way run each job in one slice.
+A call is one self-contained pipeline call for up to `SEIDRA_MAX_BATCH_SIZE` compatible jobs, each
+with its own prompt and seeded generator. It runs to the end unless the router asks it to yield,
+which it does at the next slice boundary (`callback_on_step_end`): the jobs' latents go back to the
+router, and any replica resumes them exactly. With an Euler scheduler a run stopped after step K
+resumes by calling the pipeline again with the remaining timesteps and the saved latents divided by
+that schedule's `init_noise_sigma` (the pipeline multiplies them back). Schedulers that cannot
+resume this way never yield.
+
+Prompt embeddings are computed once per prompt (and kept for the prompts seen last), so a job that
+yields and comes back does not pay for its text encoder again.
 """
 
 from __future__ import annotations
@@ -12,18 +18,23 @@ import io
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from deployments.settings import WorkerSettings
 from scheduling.directives import InferenceTimeout
-from scheduling.work import GenerationParams, WorkItem
+from scheduling.work import WorkBatch, WorkItem
 
 logger = logging.getLogger(__name__)
+
+# Prompts whose embeddings a replica keeps: a few hundred kilobytes each for SD 1.5.
+EMBEDDINGS_KEPT = 256
 
 
 def resolve_device(setting: str) -> str:
@@ -59,6 +70,8 @@ class DiffusionRunner:
         self.resumable = self._use_euler_scheduler()
         # One pipeline holds one scheduler state: calls must not overlap.
         self._lock = threading.Lock()
+        self._embeddings: OrderedDict[tuple[str, str, bool], tuple[Any, Any]] = OrderedDict()
+        self._schedules: dict[tuple[int, int], tuple[list[float], float]] = {}
         logger.info("Loaded %s on %s (%s), resumable=%s", self.model, self.device, self.dtype, self.resumable)
 
     def _use_euler_scheduler(self) -> bool:
@@ -69,49 +82,91 @@ class DiffusionRunner:
             self.pipeline.scheduler = scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
         return _resumes_exactly(scheduler.config)
 
+    def advance(self, batch: WorkBatch, control: StepControl | None = None) -> list[SliceOutput]:
+        """Denoise `batch`'s jobs together from their step to the end, or to the slice boundary where
+        `control` asks them to yield; decode and encode a PNG per job at the end.
+
+        Raises `Interrupted` when `control` is cancelled first, and `InferenceTimeout` when a
+        slice's deadline passes first.
+        """
+        control = control or StepControl()
+        items, step, total = batch.items, batch.step, batch.total_steps
+        if len({item.batch_key() for item in items}) != 1:
+            raise ValueError("the jobs of one call must share size, steps, guidance and step")
+        if step and not self.resumable:
+            raise ValueError(f"{self.model} cannot resume a job at step {step}")
+        kwargs = self._call_arguments(items)
+        if step:
+            remaining, init_sigma = self._remaining_schedule(total, step)
+            kwargs["timesteps"] = remaining
+            # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
+            latents = torch.cat([torch.from_numpy(item.latents) for item in items if item.latents is not None])
+            kwargs["latents"] = (latents / init_sigma).to(self.device, self.dtype)
+        else:
+            kwargs["num_inference_steps"] = total
+        control.begin(step, total, batch.slice_steps if self.resumable else None, batch.timeout_s)
+        kwargs["callback_on_step_end"] = control
+        with self._lock, torch.inference_mode():
+            images = self.pipeline(**kwargs).images
+        if control.cancelled.is_set():
+            raise Interrupted(f"call {batch.call_id} was cancelled at a step boundary")
+        if control.timed_out:
+            raise InferenceTimeout(",".join(batch.job_ids), batch.timeout_s)
+        if control.yielded is not None:
+            at, latents = control.yielded
+            return [SliceOutput(at, total, latents=latents[i : i + 1].numpy()) for i in range(len(items))]
+        return [SliceOutput(total, total, png=_png(image)) for image in images]
+
+    def _call_arguments(self, items: tuple[WorkItem, ...]) -> dict[str, Any]:
+        params = items[0].params
+        return {
+            "width": params.width,
+            "height": params.height,
+            "guidance_scale": params.guidance_scale,
+            **self._prompts(items),
+            # Seeded on the CPU so a seed gives the same image whatever the device; one per job, so
+            # each job's image is the one it would be alone.
+            "generator": [torch.Generator("cpu").manual_seed(item.params.seed) for item in items],
+        }
+
+    def _prompts(self, items: tuple[WorkItem, ...]) -> dict[str, Any]:
+        """Embeddings for Stable Diffusion pipelines, computed once per prompt; the text for others."""
+        if not isinstance(self.pipeline, StableDiffusionPipeline):
+            return {
+                "prompt": [item.params.prompt for item in items],
+                "negative_prompt": [item.params.negative_prompt or "" for item in items],
+            }
+        guided = items[0].params.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
+        pairs = [self._embedding(item.params.prompt, item.params.negative_prompt or "", guided) for item in items]
+        return {
+            "prompt_embeds": torch.cat([positive for positive, _ in pairs]),
+            "negative_prompt_embeds": torch.cat([negative for _, negative in pairs]) if guided else None,
+        }
+
+    def _embedding(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[Any, Any]:
+        key = (prompt, negative_prompt, guided)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        with torch.inference_mode():
+            pair = self.pipeline.encode_prompt(prompt, self.device, 1, guided, negative_prompt)
+        self._embeddings[key] = pair
+        if len(self._embeddings) > EMBEDDINGS_KEPT:
+            self._embeddings.popitem(last=False)
+        return pair
+
+    def _remaining_schedule(self, total: int, step: int) -> tuple[list[float], float]:
+        """The timesteps left after `step` of `total`, and the `init_noise_sigma` of that schedule."""
+        key = (total, step)
+        if key not in self._schedules:
+            remaining = self._schedule(num_inference_steps=total).timesteps[step:].tolist()
+            self._schedules[key] = (remaining, float(self._schedule(timesteps=remaining).init_noise_sigma))
+        return self._schedules[key]
+
     def _schedule(self, **kwargs: Any) -> EulerDiscreteScheduler:
         scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         scheduler.set_timesteps(**kwargs)
         return scheduler
-
-    def advance(self, item: WorkItem, control: StepControl | None = None) -> SliceOutput:
-        """Run up to `item.max_steps` denoising steps; decode and encode a PNG on the last one.
-
-        Raises `Interrupted` when `control` is cancelled before the slice ends, and
-        `InferenceTimeout` when its deadline passes first.
-        """
-        control = control or StepControl()
-        params = item.params
-        total = params.num_inference_steps
-        if not self.resumable and item.step:
-            raise ValueError(f"{self.model} cannot resume a job at step {item.step}")
-        stop = total if not self.resumable or item.max_steps == 0 else min(total, item.step + item.max_steps)
-        kwargs = self._call_arguments(params)
-        if item.step:
-            remaining = self._schedule(num_inference_steps=total).timesteps[item.step :].tolist()
-            init_sigma = self._schedule(timesteps=remaining).init_noise_sigma
-            kwargs["timesteps"] = remaining
-            # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
-            kwargs["latents"] = (torch.from_numpy(item.latents) / init_sigma).to(self.device, self.dtype)
-        else:
-            kwargs["num_inference_steps"] = total
-        control.stop_after = stop - item.step
-        kwargs["callback_on_step_end"] = control
-        if stop < total:
-            kwargs["output_type"] = "latent"
-        with self._lock, torch.inference_mode():
-            output = self.pipeline(**kwargs).images
-        if control.cancelled.is_set():
-            raise Interrupted(f"job {item.job_id} was cancelled at a step boundary")
-        if control.timed_out:
-            raise InferenceTimeout(item.job_id, item.timeout_s)
-        if stop < total:
-            return SliceOutput(step=stop, total_steps=total, latents=output.float().cpu().numpy())
-        return SliceOutput(step=total, total_steps=total, png=_png(output[0]))
-
-    def _call_arguments(self, params: GenerationParams) -> dict[str, Any]:
-        # Seeded on the CPU so a seed gives the same image whatever the device.
-        return {**params.pipeline_arguments(), "generator": torch.Generator("cpu").manual_seed(params.seed)}
 
 
 def _resumes_exactly(config: Any) -> bool:
@@ -134,27 +189,57 @@ class Interrupted(RuntimeError):
 
 
 class StepControl:
-    """The `callback_on_step_end` hook: ends a slice after `stop_after` steps, on cancellation, or
-    at the first step boundary past `deadline` (a `time.monotonic()` value).
+    """The `callback_on_step_end` hook of one call.
 
-    `step_delay_s` slows each step down; it exists for fault-injection drills only.
+    It stops the call at the next slice boundary once a yield is requested (keeping the latents
+    there), at the next step once cancelled, and at a step boundary past the slice's deadline (the
+    inference timeout counts per slice; per call with slicing off). `on_step` hears the number of
+    steps done after each one (progress reports). `step_delay_s` slows each step down; it exists
+    for fault-injection drills only.
     """
 
-    def __init__(self, step_delay_s: float = 0.0, deadline: float | None = None) -> None:
-        self.stop_after = 0
+    def __init__(self, step_delay_s: float = 0.0, on_step: Callable[[int], None] | None = None) -> None:
         self.step_delay_s = step_delay_s
-        self.deadline = deadline
+        self.on_step = on_step
         self.cancelled = threading.Event()
+        self.yield_requested = threading.Event()
         self.timed_out = False
+        self.yielded: tuple[int, torch.Tensor] | None = None  # the step and the latents there
+        self._first_step = 0
+        self._total = 0
+        self._slice_steps: int | None = 0
+        self._timeout_s = 0.0
+        self._deadline: float | None = None
+
+    def begin(self, first_step: int, total: int, slice_steps: int | None, timeout_s: float) -> None:
+        """A call from `first_step` of `total`; `slice_steps` None: it cannot yield (0: at any step)."""
+        self._first_step, self._total, self._slice_steps, self._timeout_s = first_step, total, slice_steps, timeout_s
+        self._deadline = time.monotonic() + timeout_s if timeout_s else None
 
     def __call__(self, pipeline: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.step_delay_s:
             self.cancelled.wait(self.step_delay_s)
-        if self.deadline is not None and time.monotonic() >= self.deadline and index + 1 < self.stop_after:
-            self.timed_out = True
-        if index + 1 >= self.stop_after or self.cancelled.is_set() or self.timed_out:
+        done = self._first_step + index + 1
+        if done < self._total:
+            self._between_steps(pipeline, done, callback_kwargs)
+        if self.cancelled.is_set():
             pipeline._interrupt = True  # the pipelines' own flag: the remaining steps are skipped
+        if self.on_step is not None:
+            self.on_step(done)
         return callback_kwargs
+
+    def _between_steps(self, pipeline: Any, done: int, callback_kwargs: dict[str, Any]) -> None:
+        slice_steps = self._slice_steps
+        at_boundary = slice_steps is not None and (slice_steps == 0 or done % slice_steps == 0)
+        if at_boundary and self.yield_requested.is_set() and self.yielded is None:
+            self.yielded = (done, callback_kwargs["latents"].detach().float().cpu())
+            pipeline._interrupt = True
+            return
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self.timed_out = True
+            pipeline._interrupt = True
+        elif at_boundary and slice_steps and self._timeout_s:
+            self._deadline = time.monotonic() + self._timeout_s  # a new slice begins
 
 
 def _png(image: Any) -> bytes:

@@ -26,20 +26,24 @@ from scheduling.assigned_replica import AssignedReplicaRouter
 from scheduling.directives import Health, ReplicaSnapshot, ReplicaUnavailable, StorageUnavailable
 from scheduling.hold import Backoff
 from scheduling.router_lookup import get_router
-from scheduling.work import WorkItem, WorkResult
+from scheduling.work import WorkBatch, WorkItem, WorkResult, YieldRequest
 from storage.object_store import ObjectStore, image_key, open_object_store
 from storage.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
 
-# One pipeline, one job at a time: a second request would only wait on the pipeline's lock.
+# One call at a time per pipeline (a call advances a batch of jobs); one more request may be in
+# flight beside it: the router's request that it yield.
 SLOTS_PER_REPLICA = 1
 UPLOAD_BACKOFF = Backoff(base_s=0.5, cap_s=8.0, jitter=0.2)
+# Progress goes to the router at most this often per call: enough for a progress bar, and the
+# router's proof that the call still reaches step boundaries.
+PROGRESS_INTERVAL_S = 0.25
 
 
 @serve.deployment(
     name="DiffusionWorker",
-    max_ongoing_requests=SLOTS_PER_REPLICA,
+    max_ongoing_requests=SLOTS_PER_REPLICA + 1,
     graceful_shutdown_timeout_s=120,
     request_router_config=RequestRouterConfig(request_router_class=AssignedReplicaRouter),
 )
@@ -60,69 +64,113 @@ class DiffusionWorker:
         # Reported, so that a restarted router neither overbooks this replica nor runs a job twice.
         self._running_jobs: set[str] = set()  # pipeline calls, until their thread ends
         self._uploading: set[str] = set()
+        self._controls: dict[int, Any] = {}  # call id -> its StepControl, while its pipeline runs
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
-    async def advance(self, item: WorkItem, trace_context: tracing.Carrier | None = None) -> WorkResult:
-        """Run one step slice of `item`; `trace_context` is the router's dispatch span."""
+    async def advance(self, batch: WorkBatch, traces: dict[str, tracing.Carrier] | None = None) -> list[WorkResult]:
+        """Run `batch` to its end or to the slice boundary where it is asked to yield; `traces` are
+        the router's dispatch spans, per job."""
         snapshot = self.model_manager.get_status_snapshot()
         if not snapshot.can_run:
             raise ReplicaUnavailable(self._replica_id, snapshot)
-        attributes = {"seidra.replica_id": self._replica_id, "seidra.step": item.step}
-        with tracing.job_span("seidra.inference", item.job_id, trace_context, attributes) as span:
+        attributes = {"seidra.replica_id": self._replica_id, "seidra.step": batch.step, "seidra.batch_size": len(batch.items)}
+        parents = {item.job_id: (traces or {}).get(item.job_id) for item in batch.items}
+        with tracing.job_spans("seidra.inference", parents, attributes) as spans:
             try:
-                result = await self._advance(item)
+                results = await self._advance(batch)
             except asyncio.CancelledError:  # not an Exception: OpenTelemetry would not mark it
-                tracing.mark_failed(span, "given up by the router (a timeout or a cancelled job)")
+                for span in spans.values():
+                    tracing.mark_failed(span, "given up by the router (a timeout or a cancelled job)")
                 raise
-            span.set_attribute("seidra.step_reached", result.step)
-            return result
+            for result in results:
+                spans[result.job_id].set_attribute("seidra.step_reached", result.step)
+            return results
 
-    async def _advance(self, item: WorkItem) -> WorkResult:
+    def request_yield(self, request: YieldRequest) -> None:
+        """The router wants this call's slot: stop it at its next slice boundary."""
+        control = self._controls.get(request.call_id)
+        if control is not None:
+            control.yield_requested.set()
+
+    async def _advance(self, batch: WorkBatch) -> list[WorkResult]:
+        stored = await self._already_stored(batch)
+        results = [WorkResult(item.job_id, self._replica_id, batch.total_steps, 0.0, object_key=image_key(item.job_id)) for item in stored]
+        batch = replace(batch, items=tuple(item for item in batch.items if item not in stored))
+        if batch.items:
+            results += await self._denoise(batch)
+        return results
+
+    async def _already_stored(self, batch: WorkBatch) -> list[WorkItem]:
+        """Jobs whose image an earlier run stored already (its answer was lost with its router, or its
+        upload only seemed to fail): not twice."""
+        maybe = [item for item in batch.items if item.may_be_stored]
+        found = await asyncio.gather(*(asyncio.to_thread(self._is_stored, item.job_id) for item in maybe))
+        return [item for item, is_stored in zip(maybe, found, strict=True) if is_stored]
+
+    async def _denoise(self, batch: WorkBatch) -> list[WorkResult]:
         from deployments.pipeline import StepControl
 
-        if item.may_be_stored and await asyncio.to_thread(self._already_stored, item.job_id):
-            # An earlier run stored it already (its answer was lost with its router, or its upload only seemed to fail): not twice.
-            return WorkResult(item.job_id, self._replica_id, item.params.num_inference_steps, 0.0, object_key=image_key(item.job_id))
         faults = self.model_manager.faults
         started = time.perf_counter()
-        deadline = time.monotonic() + item.timeout_s if item.timeout_s else None
-        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0, deadline=deadline)
+        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0, on_step=self._progress_reporter(batch.call_id))
+        self._controls[batch.call_id] = control
         try:
             if faults and faults.fail_inference:
                 raise RuntimeError("injected inference failure")
-            output = await asyncio.shield(self._start_inference(item, control))
+            outputs = await asyncio.shield(self._start_inference(batch, control))
         except asyncio.CancelledError:
             # The router gave up on this call (a timeout, a cancelled job): stop at the next step boundary.
             control.cancelled.set()
             self.model_manager.record_cancelled()
             raise
         except Exception:
-            self.model_manager.record_failure(item.job_id)
+            self.model_manager.record_failure(",".join(batch.job_ids))
             raise
+        finally:
+            self._controls.pop(batch.call_id, None)
         duration_s = time.perf_counter() - started
         self.model_manager.record_success(duration_s)
-        # After the GPU's part: an object store that fails is a storage fault, not a sick GPU.
-        object_key = await self._store_image(item.job_id, output.png)
-        if output.step > item.step:
-            step_s = duration_s / (output.step - item.step)
+        if outputs[0].step > batch.step:
+            step_s = duration_s / (outputs[0].step - batch.step)
             metrics.worker_metrics()["step"].observe(step_s, tags={"replica": self._replica_id})
-        return WorkResult(
-            job_id=item.job_id,
-            replica_id=self._replica_id,
-            step=output.step,
-            duration_s=duration_s,
-            latents=output.latents,
-            object_key=object_key,
-        )
+        # After the GPU's part: an object store that fails is a storage fault, not a sick GPU.
+        return list(await asyncio.gather(*(self._result(item.job_id, output, duration_s) for item, output in zip(batch.items, outputs, strict=True))))
 
-    def _start_inference(self, item: WorkItem, control: Any) -> asyncio.Future[Any]:
-        """The pipeline call in a thread; the job counts as running here until the thread ends,
-        even after the router gave up on it, so that nobody sends this replica more work meanwhile."""
-        self._running_jobs.add(item.job_id)
-        work = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner.advance, item, control))
+    async def _result(self, job_id: str, output: Any, duration_s: float) -> WorkResult:
+        result = WorkResult(job_id, self._replica_id, output.step, duration_s, latents=output.latents)
+        if output.png is None:
+            return result
+        try:
+            return replace(result, object_key=await self._store_image(job_id, output.png))
+        except StorageUnavailable as unavailable:
+            return replace(result, storage_error=unavailable.reason)
+
+    def _progress_reporter(self, call_id: int) -> Any:
+        """What the pipeline thread calls after each step: tells the router, at most every
+        PROGRESS_INTERVAL_S (fire and forget: the GPU never waits for the router)."""
+        last_s = time.monotonic()
+
+        def report(step: int) -> None:
+            nonlocal last_s
+            now = time.monotonic()
+            if now - last_s < PROGRESS_INTERVAL_S:
+                return
+            last_s = now
+            try:
+                get_router(self._app_name).report_progress.remote(call_id, step)
+            except Exception:  # the router is restarting: the next report may get through
+                logger.debug("Could not report progress of call %d", call_id, exc_info=True)
+
+        return report
+
+    def _start_inference(self, batch: WorkBatch, control: Any) -> asyncio.Future[Any]:
+        """The pipeline call in a thread; its jobs count as running here until the thread ends, even
+        after the router gave up on it, so that nobody sends this replica more work meanwhile."""
+        self._running_jobs.update(batch.job_ids)
+        work = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner.advance, batch, control))
 
         def ended(finished: asyncio.Future[Any]) -> None:
-            self._running_jobs.discard(item.job_id)
+            self._running_jobs.difference_update(batch.job_ids)
             self.model_manager.record_call_ended()
             if not finished.cancelled():
                 finished.exception()  # seen: a call given up on ends in Interrupted, which nobody awaits
@@ -174,7 +222,7 @@ class DiffusionWorker:
         except Exception:
             logger.exception("Could not remove %s after its call was cancelled", key)
 
-    def _already_stored(self, job_id: str) -> bool:
+    def _is_stored(self, job_id: str) -> bool:
         try:
             return self._object_store().exists(image_key(job_id))
         except Exception:  # the store is down: compute, and let the upload say so

@@ -1,4 +1,4 @@
-"""A Serve request router that sends each work item to the replica the job router chose for it.
+"""A Serve request router that sends each call (and each yield request) to the replica the job router chose.
 
 The job router keeps per-replica slots, health and maintenance, so the handle must not pick a
 replica by itself. While the chosen replica is not in the handle's replica list (it is still being
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from scheduling.work import WorkItem
+from scheduling.work import WorkBatch, YieldRequest
 
 
 class AssignedReplicaRouter(RequestRouter):
@@ -31,6 +31,6 @@ class AssignedReplicaRouter(RequestRouter):
 
 
 def _assigned_replica(request: PendingRequest | None) -> str | None:
-    if request is None or not request.args or not isinstance(request.args[0], WorkItem):
+    if request is None or not request.args or not isinstance(request.args[0], (WorkBatch, YieldRequest)):
         return None
     return request.args[0].replica_id

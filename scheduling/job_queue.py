@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 
 from scheduling.lanes import Lane, lane_for
 
@@ -136,6 +137,46 @@ def _round_robin(stacks: list[list[QueuedJob]]) -> Iterator[QueuedJob]:
         stacks = [stack for stack in stacks if stack]
 
 
+class FifoJobQueue(JobQueue):
+    """Oldest first, whatever the priority or owner: what a plain task queue does. It exists for
+    comparison (the benchmarks' FIFO baseline), not for production."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._live: dict[str, QueuedJob] = {}
+
+    def push(self, job: QueuedJob) -> None:
+        if job.job_id in self._live:
+            raise ValueError(f"job {job.job_id} is already queued")
+        self._live[job.job_id] = job
+        heapq.heappush(self._heap, (job.arrival, job.job_id))
+
+    def pop(self) -> QueuedJob | None:
+        while self._heap:
+            _, job_id = heapq.heappop(self._heap)
+            job = self._live.pop(job_id, None)
+            if job is not None:
+                return job
+        return None
+
+    def remove(self, job_id: str) -> QueuedJob | None:
+        return self._live.pop(job_id, None)  # its heap entry is skipped when it surfaces
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[QueuedJob]:
+        return iter(sorted(self._live.values(), key=lambda job: (job.arrival, job.job_id)))
+
+
+class QueuePolicy(str, Enum):
+    LANES = "lanes"  # realtime before batch, priorities, fair share: SEIDRA's order
+    FIFO = "fifo"  # one queue, oldest first: the baseline the benchmarks compare with
+
+
 class QueueFullError(Exception):
     """A lane cannot take more jobs; the caller should come back after `retry_after_s`."""
 
@@ -152,17 +193,26 @@ class QueueFullError(Exception):
 
 
 class LaneQueues:
-    """One queue per lane, popped in lane precedence order, each with a depth limit."""
+    """One queue per lane, popped in lane precedence order, each with a depth limit.
 
-    def __init__(self, limits: Mapping[Lane, int], retry_after_s: int = 5) -> None:
-        self._queues: dict[Lane, JobQueue] = {lane: FairShareJobQueue() for lane in Lane}
+    Under the FIFO policy every lane shares one oldest-first queue; limits still count per lane.
+    """
+
+    def __init__(self, limits: Mapping[Lane, int], retry_after_s: int = 5, policy: QueuePolicy = QueuePolicy.LANES) -> None:
+        if policy is QueuePolicy.FIFO:
+            shared = FifoJobQueue()
+            self._queues: dict[Lane, JobQueue] = dict.fromkeys(Lane, shared)
+        else:
+            self._queues = {lane: FairShareJobQueue() for lane in Lane}
+        self.policy = policy
+        self._depths: Counter[Lane] = Counter()
         self._limits = dict(limits)
         self._retry_after_s = retry_after_s
         self.paused: set[Lane] = set()  # an operator stopped dispatching from these lanes
 
     def check_room(self, lane: Lane, count: int = 1) -> None:
         """Raise QueueFullError unless `count` more jobs fit in `lane`."""
-        depth, limit = len(self._queues[lane]), self._limits[lane]
+        depth, limit = self._depths[lane], self._limits[lane]
         if depth + count > limit:
             raise QueueFullError(lane, depth, limit, self._retry_after_s)
 
@@ -171,32 +221,50 @@ class LaneQueues:
         if job.job_id in self:
             raise ValueError(f"job {job.job_id} is already queued")
         self._queues[job.lane].push(job)
+        self._depths[job.lane] += 1
 
     def pop(self) -> QueuedJob | None:
-        for lane in Lane:
-            if lane in self.paused:
-                continue
-            job = self._queues[lane].pop()
+        set_aside: list[QueuedJob] = []  # a shared FIFO queue's jobs of paused lanes
+        popped = None
+        for queue in self._distinct_queues(skip_paused=True):
+            while (job := queue.pop()) is not None and job.lane in self.paused:
+                set_aside.append(job)
             if job is not None:
-                return job
-        return None
+                popped = job
+                break
+        for job in set_aside:
+            self._queues[job.lane].push(job)
+        if popped is not None:
+            self._depths[popped.lane] -= 1
+        return popped
+
+    def _distinct_queues(self, skip_paused: bool = False) -> list[JobQueue]:
+        """Each queue once, in lane precedence order; with `skip_paused`, without the paused lanes'
+        own queues (a shared FIFO queue stays: `pop` sets their jobs aside)."""
+        queues: list[JobQueue] = []
+        for lane, queue in self._queues.items():
+            paused = skip_paused and lane in self.paused and self.policy is QueuePolicy.LANES
+            if not paused and not any(queue is seen for seen in queues):
+                queues.append(queue)
+        return queues
 
     def remove(self, job_id: str) -> QueuedJob | None:
-        for queue in self._queues.values():
+        for queue in self._distinct_queues():
             job = queue.remove(job_id)
             if job is not None:
+                self._depths[job.lane] -= 1
                 return job
         return None
 
     def depth(self, lane: Lane) -> int:
-        return len(self._queues[lane])
+        return self._depths[lane]
 
     def __contains__(self, job_id: object) -> bool:
-        return any(job_id in queue for queue in self._queues.values())
+        return any(job_id in queue for queue in self._distinct_queues())
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return sum(self._depths.values())
 
     def __iter__(self) -> Iterator[QueuedJob]:
-        for lane in Lane:
-            yield from self._queues[lane]
+        for queue in self._distinct_queues():
+            yield from queue

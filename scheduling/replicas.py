@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,17 +22,22 @@ class Replica:
     slots: int
     last_seen: float
     snapshot: ReplicaSnapshot
-    running: set[str] = field(default_factory=set)  # reserved by this router
+    # This router's calls here (a slot each), by call id: the jobs each one advances.
+    calls: dict[int, set[str]] = field(default_factory=dict)
     # What the replica said it runs, at its last report; calls of a previous router included.
     reported_running: set[str] = field(default_factory=set)
     # What the router saw itself (an inference timeout), until the replica's own reports agree.
     degraded_until: float = 0.0
     degraded_reason: str = ""
 
+    @property
+    def running(self) -> set[str]:
+        return set().union(*self.calls.values())
+
     def free_slots(self) -> int:
-        # The replica's own list covers calls this router did not send: a previous router's,
-        # still running after a restart.
-        return self.slots - len(self.running | self.reported_running)
+        # The replica's own list covers calls this router did not send: a previous router's, still
+        # running after a restart. Not knowing how they were batched, each such job counts as a call.
+        return self.slots - len(self.calls) - len(self.reported_running - self.running)
 
 
 class ReplicaPool:
@@ -107,9 +112,9 @@ class ReplicaPool:
         usable = [r for r in self._replicas.values() if r.free_slots() > 0 and self.unavailable_reason(r) is None]
         return SlotPlan(usable, self._replicas.values())
 
-    def assign(self, job_id: str) -> str | None:
-        """Reserve a slot for `job_id` on the usable replica with the most free slots."""
-        return self.plan().assign(job_id)
+    def assign(self, call_id: int, job_ids: Collection[str]) -> str | None:
+        """Reserve a slot for call `call_id` of `job_ids` on the usable replica with the most free slots."""
+        return self.plan().assign(call_id, job_ids)
 
     def is_draining(self, replica_id: str | None) -> bool:
         """In maintenance but otherwise fine: it finishes the jobs it started."""
@@ -119,18 +124,28 @@ class ReplicaPool:
     def any_draining(self) -> bool:
         return any(self.is_draining(replica_id) for replica_id in self._replicas)
 
-    def assign_draining(self, job_id: str, replica_id: str) -> bool:
+    def assign_draining(self, call_id: int, job_id: str, replica_id: str) -> bool:
         """Let a job continue on the replica that started it while that replica drains."""
         if not self.is_draining(replica_id) or self._replicas[replica_id].free_slots() <= 0:
             return False
-        self._replicas[replica_id].running.add(job_id)
+        self._replicas[replica_id].calls[call_id] = {job_id}
         return True
 
-    def release(self, replica_id: str, job_id: str) -> None:
+    def release(self, replica_id: str, call_id: int, job_id: str) -> None:
+        """`job_id`'s part of the call ended; the slot is free once the call's last job's has."""
         replica = self._replicas.get(replica_id)
-        if replica is not None:
-            replica.running.discard(job_id)
-            replica.reported_running.discard(job_id)  # it answered: the next report will agree
+        if replica is None:
+            return
+        replica.reported_running.discard(job_id)  # it answered: the next report will agree
+        jobs = replica.calls.get(call_id)
+        if jobs is not None:
+            jobs.discard(job_id)
+            if not jobs:
+                del replica.calls[call_id]
+
+    def is_usable(self, replica_id: str) -> bool:
+        replica = self._replicas.get(replica_id)
+        return replica is not None and self.unavailable_reason(replica) is None
 
     def usable_slots(self) -> int:
         return self.plan().free_slots
@@ -191,6 +206,7 @@ class ReplicaPool:
             "replica_id": replica.replica_id,
             "slots": replica.slots,
             "running": sorted(replica.running),
+            "calls": len(replica.calls),
             "seen_s_ago": round(self._clock() - replica.last_seen, 1),
             "maintenance": self.directives(replica.replica_id).maintenance,
             "usable": reason is None,
@@ -225,12 +241,13 @@ class SlotPlan:
         # Jobs a replica reports running on a call this router did not send (a previous router's).
         self._elsewhere = {job for replica in everyone for job in replica.reported_running - replica.running}
 
-    def assign(self, job_id: str) -> str | None:
-        """Reserve a slot for `job_id` on the replica with the most free slots (then the greatest id)."""
+    def assign(self, call_id: int, job_ids: Collection[str]) -> str | None:
+        """Reserve a slot for call `call_id` of `job_ids` on the replica with the most free slots
+        (then the greatest id)."""
         if not self._heap:
             return None
         choice = heapq.heappop(self._heap)
-        choice.replica.running.add(job_id)
+        choice.replica.calls[call_id] = set(job_ids)
         self.free_slots -= 1
         if choice.free_slots > 1:
             heapq.heappush(self._heap, _Choice(choice.free_slots - 1, choice.replica_id, choice.replica))

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -45,9 +46,10 @@ from scheduling.scheduler import (
     SchedulerConfig,
     Start,
     UnknownJob,
+    YieldCall,
 )
 from scheduling.settings import RouterSettings
-from scheduling.work import GenerationParams
+from scheduling.work import GenerationParams, WorkBatch, WorkResult
 from scheduling.worker_calls import CallFailed, WorkerCalls
 from storage.api_keys import KeyLimits
 from storage.database import DATABASE_OUTAGES
@@ -83,6 +85,8 @@ def scheduler_config(settings: RouterSettings) -> SchedulerConfig:
         queue_limits={Lane.REALTIME: settings.max_realtime_queue, Lane.BATCH: settings.max_batch_queue},
         queue_full_retry_after_s=settings.queue_full_retry_after_s,
         steps_per_dispatch=settings.steps_per_dispatch,
+        max_batch_size=settings.max_batch_size,
+        queue_policy=settings.queue_policy,
         max_attempts=settings.max_attempts,
         degraded_cooldown_s=settings.degraded_cooldown_s,
         worker_ttl_s=settings.worker_ttl_s,
@@ -113,7 +117,7 @@ def _specs(rows: Sequence[GenerationJob]) -> list[JobSpec]:
 def _without_prompt(action: Action) -> str:
     """An action for the log: a start's work item carries the job's prompt, which logs must not."""
     if isinstance(action, Start):
-        return f"Start(job_id={action.item.job_id!r}, call_id={action.call_id}, write={action.write!r})"
+        return f"Start(job_ids={action.batch.job_ids!r}, call_id={action.call_id}, writes={action.writes!r})"
     return repr(action)
 
 
@@ -295,6 +299,11 @@ class JobRouter:
             self._waiters.pop(job_id, None)
         return job.status
 
+    async def report_progress(self, call_id: int, step: int) -> None:
+        """A replica's word between two slices of a call: where its jobs stand, and that it is alive."""
+        self._core.progress_report(call_id, step)
+        self._calls.alive(call_id)
+
     async def heartbeat(self, replica_id: str, slots: int, snapshot: ReplicaSnapshot) -> ReplicaDirectives:
         directives = self._core.heartbeat(replica_id, slots, snapshot)
         self._wake.set()  # a report may bring capacity back: held jobs then run at once
@@ -426,9 +435,9 @@ class JobRouter:
 
     def _carry_out(self, action: Action) -> asyncio.Future[GenerationJob] | None:
         if isinstance(action, Start):
-            future = self._writer.transition(action.write) if action.write else None
-            self._spawn(self._run(action, future))
-            return future
+            futures = [self._writer.transition(write) for write in action.writes]
+            self._spawn(self._run(action, futures))
+            return None
         if isinstance(action, (Persist, Finish)):
             future = self._writer.transition(action.write)
             self._spawn(self._after_write(action, future))
@@ -440,42 +449,60 @@ class JobRouter:
             self._notify([(action.job_id, Level.INFO, message)])
         elif isinstance(action, CancelCall):
             self._calls.cancel(action.call_id)
+        elif isinstance(action, YieldCall):
+            self._spawn(self._calls.request_yield(action.request))
         elif isinstance(action, DeleteImage):
             self._spawn(self._delete_image(action.job_id))
         return None
 
-    async def _run(self, start: Start, written: asyncio.Future[GenerationJob] | None) -> None:
-        """Write, then call: whatever happens, the core hears how the call ended (a task that died
-        would leave the job running in the core for good, its slot taken)."""
-        item = start.item
-        if written is not None:
+    async def _run(self, start: Start, written: list[asyncio.Future[GenerationJob]]) -> None:
+        """Write, then call: whatever happens, the core hears how the call ended for each of its jobs
+        (a task that died would leave them running in the core for good, their slot taken)."""
+        batch = start.batch
+        for write, future in zip(start.writes, written, strict=True):
             try:
-                job = await written
-            except Exception as refused:  # the row changed behind the router: no call is made
-                self._let_go(item.job_id, refused)
-                return
-            if start.write and start.write.mark_started:
+                job = await future
+            except Exception as refused:  # the row changed behind the router: the job is not sent
+                self._let_go(write.job_id, refused)
+                continue
+            if write.mark_started:
                 self._started(job)
-        if not self._core.is_running(item.job_id, start.call_id):
-            # Cancelled, let go of, or its replica gone while its write waited: never sent.
-            self._execute(self._core.error(item.job_id, start.call_id, ErrorKind.JOB_ERROR, "not sent"))
-            self._wake.set()
-            return
-        attributes = {"seidra.replica_id": item.replica_id, "seidra.step": item.step}
-        with tracing.job_span("seidra.dispatch", item.job_id, item.trace_context, attributes) as span:
-            try:
-                result = await self._calls.advance(start.call_id, item)
-            except CallFailed as failed:
-                if failed.kind is not ErrorKind.REPLICA_UNAVAILABLE:  # a hold is no failure
-                    tracing.mark_failed(span, failed.detail)
-                actions = self._core.error(item.job_id, start.call_id, failed.kind, failed.detail, failed.snapshot)
-            except Exception as error:  # a bug of the router's own, not the job's
-                logger.exception("Dispatching job %s failed in the router", item.job_id)
-                actions = self._core.error(item.job_id, start.call_id, ErrorKind.JOB_ERROR, f"router error: {error!r}")
-            else:
-                actions = self._core.result(item.job_id, start.call_id, result)
-            self._execute(actions)  # in the slice's span: the final write's span is its child
+        items = tuple(item for item in batch.items if self._core.is_running(item.job_id, batch.call_id))
+        for item in batch.items:
+            if item not in items:
+                # Cancelled, let go of, or its replica gone while its write waited: never sent.
+                self._execute(self._core.error(item.job_id, batch.call_id, ErrorKind.JOB_ERROR, "not sent"))
+        if items:
+            await self._call(replace(batch, items=items))
         self._wake.set()
+
+    async def _call(self, batch: WorkBatch) -> None:
+        attributes = {"seidra.replica_id": batch.replica_id, "seidra.step": batch.step, "seidra.batch_size": len(batch.items)}
+        traces = {item.job_id: item.trace_context for item in batch.items}
+        with tracing.job_spans("seidra.dispatch", traces, attributes) as spans:
+            carriers = {job_id: tracing.carrier(trace.set_span_in_context(span)) for job_id, span in spans.items()}
+            try:
+                results = await self._calls.advance(batch, carriers)
+            except CallFailed as failed:
+                failure = failed
+            except Exception as error:  # a bug of the router's own, not the jobs'
+                logger.exception("Dispatching call %d (%s) failed in the router", batch.call_id, ", ".join(batch.job_ids))
+                failure = CallFailed(ErrorKind.JOB_ERROR, f"router error: {error!r}")
+            else:
+                for result in results:
+                    with trace.use_span(spans[result.job_id]):  # the job's final write is a child of its call
+                        self._execute(self._outcome(batch.call_id, result))
+                return
+            for job_id, span in spans.items():
+                if failure.kind is not ErrorKind.REPLICA_UNAVAILABLE:  # a hold is no failure
+                    tracing.mark_failed(span, failure.detail)
+                with trace.use_span(span):
+                    self._execute(self._core.error(job_id, batch.call_id, failure.kind, failure.detail, failure.snapshot))
+
+    def _outcome(self, call_id: int, result: WorkResult) -> list[Action]:
+        if result.storage_error is not None:
+            return self._core.error(result.job_id, call_id, ErrorKind.STORAGE, result.storage_error)
+        return self._core.result(result.job_id, call_id, result)
 
     @staticmethod
     def _started(job: GenerationJob) -> None:

@@ -1,8 +1,8 @@
 """The scheduling core: every job's life is decided here, and only here.
 
 No Ray, no database, no asyncio: events come in (`submit`, `heartbeat`, `result`, `error`, `cancel`,
-`retry`, maintenance, `tick`, `recover`), and actions come out (start this job on that replica with
-this work item, write this transition, hold these jobs, cancel that call). The router actor is a
+`retry`, maintenance, `tick`, `recover`), and actions come out (start these jobs together on that
+replica, write this transition, hold these jobs, ask that call to yield, cancel that call). The router actor is a
 shell that carries the actions out and feeds what happened back in, as vLLM's scheduler does with
 `schedule()` and `update_from_output()`. The clock is passed in, so tests drive time by hand.
 
@@ -24,13 +24,14 @@ from enum import Enum
 from itertools import count
 from typing import Any
 
+from scheduling.batch_index import BatchIndex
 from scheduling.directives import InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
 from scheduling.hold import Backoff, Delay, Hold, utc
-from scheduling.job_queue import LaneQueues, QueuedJob
+from scheduling.job_queue import LaneQueues, QueuedJob, QueuePolicy
 from scheduling.lanes import DEFAULT_REALTIME_PRIORITY, MAX_REALTIME_PRIORITY, Lane, lane_for
 from scheduling.quota import Quota, QuotaExceeded, SubmissionTooLarge, TokenBucket, retry_after_s
-from scheduling.replicas import ReplicaPool
-from scheduling.work import GenerationParams, WorkItem, WorkResult
+from scheduling.replicas import ReplicaPool, SlotPlan
+from scheduling.work import GenerationParams, WorkBatch, WorkItem, WorkResult, YieldRequest
 from storage.job_status import IllegalTransition, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ class ErrorKind(str, Enum):
 class SchedulerConfig:
     queue_limits: Mapping[Lane, int]
     queue_full_retry_after_s: int = 5
+    # The slice length: a running call stops at a multiple of this many steps when asked to, so that
+    # a waiting realtime job gets its slot (0: slicing off, a call keeps its slot to the end).
     steps_per_dispatch: int = 0
+    # Jobs denoised together in one call (same lane, size, steps, guidance, step): never waited for.
+    max_batch_size: int = 1
+    queue_policy: QueuePolicy = QueuePolicy.LANES
     max_attempts: int = 3
     degraded_cooldown_s: float = 60.0
     worker_ttl_s: float = 10.0
@@ -138,11 +144,14 @@ class JobWrite:
 
 @dataclass(frozen=True)
 class Start:
-    """Write `write` (when the database must learn the job runs), then send `item` to its replica."""
+    """Write `writes` (the database must learn that those jobs run), then send `batch` to its replica."""
 
-    item: WorkItem
-    call_id: int
-    write: JobWrite | None
+    batch: WorkBatch
+    writes: tuple[JobWrite, ...] = ()
+
+    @property
+    def call_id(self) -> int:
+        return self.batch.call_id
 
 
 @dataclass(frozen=True)
@@ -190,13 +199,20 @@ class CancelCall:
 
 
 @dataclass(frozen=True)
+class YieldCall:
+    """Ask a running call to stop at its next slice boundary; its jobs then wait in their lanes again."""
+
+    request: YieldRequest
+
+
+@dataclass(frozen=True)
 class DeleteImage:
     """A cancelled job's call ended: whatever it stored must go."""
 
     job_id: str
 
 
-Action = Start | Persist | Finish | HoldJobs | Resumed | CancelCall | DeleteImage
+Action = Start | Persist | Finish | HoldJobs | Resumed | CancelCall | YieldCall | DeleteImage
 
 
 # ----- the record -----
@@ -206,6 +222,18 @@ Action = Start | Persist | Finish | HoldJobs | Resumed | CancelCall | DeleteImag
 class Call:
     call_id: int
     replica_id: str
+
+
+@dataclass
+class RunningCall:
+    """A call the core waits on: its replica, its jobs still in it, where they stand."""
+
+    replica_id: str
+    lane: Lane
+    worst_priority: int
+    jobs: set[str]
+    step: int  # from the replica's progress reports
+    yielding: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +262,11 @@ class JobRecord:
     ready_at: float = 0.0  # while deferred
     # Recovered as running: a replica that has not reported yet may still run a previous router's call.
     inherited_until: float = 0.0
+    batch_key: tuple[Any, ...] | None = None  # while indexed for batching
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.step if self.checkpoint else 0
 
     @property
     def lane(self) -> Lane:
@@ -292,7 +325,9 @@ class Scheduler:
         self._clock = clock
         self._rand = rand
         self._records: dict[str, JobRecord] = {}
-        self._queue = LaneQueues(config.queue_limits, retry_after_s=config.queue_full_retry_after_s)
+        self._queue = LaneQueues(config.queue_limits, config.queue_full_retry_after_s, config.queue_policy)
+        self._batchable = BatchIndex()
+        self._calls: dict[int, RunningCall] = {}
         self._pool = ReplicaPool(config.worker_ttl_s, clock=clock)
         self._call_ids = count(1)
         self._reserved: Counter[Lane] = Counter()
@@ -460,10 +495,24 @@ class Scheduler:
         actions: list[Action] = [Finish(self._write(record, JobStatus.CANCELLED, mark_finished=True), record.trace_context)]
         if record.call is not None:
             record.place = Place.STOPPING
-            actions.append(CancelCall(job_id, record.call.call_id))
+            actions += self._stop_call(record.job_id, record.call)
         else:
             self._remove(record)
         return actions
+
+    def _stop_call(self, job_id: str, call: Call) -> list[Action]:
+        """Stop a call for one of its jobs: cancel it when the job is alone in it; otherwise the
+        others keep what they did, so the call yields at its next slice boundary."""
+        running = self._calls.get(call.call_id)
+        if running is None or running.jobs == {job_id}:
+            return [CancelCall(job_id, call.call_id)]
+        return self._yield(call.call_id, running)
+
+    def _yield(self, call_id: int, running: RunningCall) -> list[Action]:
+        if running.yielding:
+            return []
+        running.yielding = True
+        return [YieldCall(YieldRequest(running.replica_id, call_id))]
 
     def retry(self, job: JobSpec, countdown_s: float = 0.0, quota: Quota | None = None) -> list[Action]:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
@@ -581,9 +630,24 @@ class Scheduler:
         if record is None or record.call is None or record.call.call_id != call_id:
             return None
         replica_id = record.call.replica_id
-        self._pool.release(replica_id, job_id)
+        self._leave_call(job_id, record.call)
         record.call = None
         return record, replica_id
+
+    def _leave_call(self, job_id: str, call: Call) -> None:
+        """The job's part in `call` is over; the call's slot is free once every job's is."""
+        self._pool.release(call.replica_id, call.call_id, job_id)
+        running = self._calls.get(call.call_id)
+        if running is not None:
+            running.jobs.discard(job_id)
+            if not running.jobs:
+                del self._calls[call.call_id]
+
+    def progress_report(self, call_id: int, step: int) -> None:
+        """A replica says where a call's jobs stand (between slices: at most every few hundred ms)."""
+        running = self._calls.get(call_id)
+        if running is not None:
+            running.step = max(running.step, step)
 
     def _failed(self, record: JobRecord, error: str, hold_on: str | None = None) -> list[Action]:
         """Count a failed run: at `max_attempts` the job ends `failed`, else it waits again (held on `hold_on`)."""
@@ -626,13 +690,12 @@ class Scheduler:
         actions: list[Action] = []
         for replica in self._pool.expire():
             logger.warning("Worker replica %s stopped reporting; it no longer counts", replica.replica_id)
-            for job_id in sorted(replica.running):
-                record = self._records.get(job_id)
-                if record is None or record.call is None or record.call.replica_id != replica.replica_id:
-                    continue
-                call_id = record.call.call_id
-                actions.append(CancelCall(job_id, call_id))
-                actions += self.error(job_id, call_id, ErrorKind.REPLICA_LOST, f"replica {replica.replica_id} stopped reporting")
+            for call_id, jobs in sorted(replica.calls.items()):
+                actions.append(CancelCall(min(jobs), call_id))
+                for job_id in sorted(jobs):
+                    actions += self.error(
+                        job_id, call_id, ErrorKind.REPLICA_LOST, f"replica {replica.replica_id} stopped reporting"
+                    )
         return actions
 
     def _hold_waiting(self, now: float) -> list[Action]:
@@ -684,60 +747,117 @@ class Scheduler:
         if self._pool.any_draining():
             for record in [r for r in self._records.values() if self._continues_draining(r)]:
                 assert record.checkpoint is not None
-                if self._pool.assign_draining(record.job_id, record.checkpoint.replica_id):
-                    self._queue.remove(record.job_id)
-                    starts += self._start(record, record.checkpoint.replica_id)
+                call_id = next(self._call_ids)
+                if self._pool.assign_draining(call_id, record.job_id, record.checkpoint.replica_id):
+                    starts += self._start([record], record.checkpoint.replica_id, call_id)
         still_running: list[QueuedJob] = []
         plan = self._pool.plan()
         while plan.free_slots > 0:
             queued = self._queue.pop()
             if queued is None:
                 break
-            if plan.runs_elsewhere(queued.job_id) or self._records[queued.job_id].inherited_until > self._clock():
-                # A previous router's call still runs it: running it twice would store its image twice.
+            record = self._records[queued.job_id]
+            if self._runs_elsewhere(record, plan):
                 still_running.append(queued)
                 continue
-            record = self._records[queued.job_id]
-            replica_id = plan.assign(record.job_id)
+            batch = [record, *self._companions(record, plan)]
+            call_id = next(self._call_ids)
+            replica_id = plan.assign(call_id, [member.job_id for member in batch])
             assert replica_id is not None  # there was a usable slot
-            starts += self._start(record, replica_id)
+            starts += self._start(batch, replica_id, call_id)
         for queued in still_running:
             self._queue.push(queued)
-        return starts
+        return starts + self._yield_to_realtime()
+
+    def _runs_elsewhere(self, record: JobRecord, plan: SlotPlan) -> bool:
+        """A previous router's call still runs it: running it twice would store its image twice."""
+        return plan.runs_elsewhere(record.job_id) or record.inherited_until > self._clock()
+
+    def _companions(self, first: JobRecord, plan: SlotPlan) -> list[JobRecord]:
+        """Waiting jobs to denoise in one call with `first`, up to `max_batch_size` in all: same lane
+        and batch key, best priority then oldest first. Nothing waits for a batch to fill."""
+        if first.batch_key is None:
+            return []
+        chosen: dict[str, JobRecord] = {first.job_id: first}
+
+        def usable(queued: QueuedJob) -> bool | None:
+            record = self._records.get(queued.job_id)
+            if record is None or record.queued is not queued or record.batch_key != first.batch_key or queued.job_id in chosen:
+                return None  # stale: the job left the queue (or came back with another entry)
+            if self._runs_elsewhere(record, plan):
+                return False
+            chosen[queued.job_id] = record
+            return True
+
+        self._batchable.take(first.batch_key, self._config.max_batch_size - 1, usable)
+        return list(chosen.values())[1:]
+
+    def _yield_to_realtime(self) -> list[Action]:
+        """With slicing on, realtime jobs left waiting once every free slot is taken get the slots
+        of running batch calls, which yield at their next slice boundary: the lowest priority first,
+        then the newest call."""
+        if not self._config.steps_per_dispatch or self._queue.policy is QueuePolicy.FIFO or Lane.REALTIME in self._queue.paused:
+            return []
+        waiting = self._queue.depth(Lane.REALTIME)
+        if not waiting:
+            return []
+        slots_wanted = -(-waiting // self._config.max_batch_size)
+        batch_calls = [
+            (call_id, running)
+            for call_id, running in self._calls.items()
+            if running.lane is Lane.BATCH and self._pool.is_usable(running.replica_id)
+        ]
+        slots_wanted -= sum(1 for _, running in batch_calls if running.yielding)
+        actions: list[Action] = []
+        ranked = sorted(batch_calls, key=lambda call: (call[1].worst_priority, call[0]), reverse=True)
+        for call_id, running in ranked:
+            if slots_wanted <= 0:
+                break
+            if not running.yielding:
+                actions += self._yield(call_id, running)
+                slots_wanted -= 1
+        return actions
 
     def _continues_draining(self, record: JobRecord) -> bool:
         return record.place in QUEUED and record.checkpoint is not None and self._pool.is_draining(record.checkpoint.replica_id)
 
-    def _start(self, record: JobRecord, replica_id: str) -> list[Action]:
+    def _start(self, records: list[JobRecord], replica_id: str, call_id: int) -> list[Action]:
         """Reserve the call. Between two slices the database already says `running`: nothing to write."""
+        writes: list[JobWrite] = []
         resumed: list[Action] = []
-        write = None
-        if record.db_status is JobStatus.PENDING:
-            metadata: dict[str, Any] = {}
-            if record.hold is not None:
-                metadata["degraded"] = record.hold.resumed_document(utc(self._clock()))
-                resumed.append(Resumed(record.job_id, record.hold))
-            # `attempts` counts tries: each failure makes the next start another one. `started_at`
-            # is the start of the run that is going on, from step 0.
-            write = self._write(
-                record, JobStatus.RUNNING, metadata=metadata, attempts=record.failures + 1,
-                mark_started=record.checkpoint is None,
-            )  # fmt: skip
-        record.hold = None
-        record.place = Place.RUNNING
-        record.call = Call(next(self._call_ids), replica_id)
+        for record in records:
+            self._unplace(record)
+            if record.db_status is JobStatus.PENDING:
+                metadata: dict[str, Any] = {}
+                if record.hold is not None:
+                    metadata["degraded"] = record.hold.resumed_document(utc(self._clock()))
+                    resumed.append(Resumed(record.job_id, record.hold))
+                # `attempts` counts tries: each failure makes the next start another one. `started_at`
+                # is the start of the run that is going on, from step 0.
+                writes.append(self._write(
+                    record, JobStatus.RUNNING, metadata=metadata, attempts=record.failures + 1,
+                    mark_started=record.checkpoint is None,
+                ))  # fmt: skip
+            record.hold = None
+            record.place = Place.RUNNING
+            record.call = Call(call_id, replica_id)
+        first = records[0]
+        worst_priority = max(record.queued.priority for record in records)
+        self._calls[call_id] = RunningCall(replica_id, first.lane, worst_priority, {r.job_id for r in records}, first.step)
+        batch = WorkBatch(call_id, replica_id, tuple(self._item(record) for record in records), self._config.steps_per_dispatch)
+        return [Start(batch, tuple(writes)), *resumed]
+
+    @staticmethod
+    def _item(record: JobRecord) -> WorkItem:
         checkpoint = record.checkpoint
-        item = WorkItem(
+        return WorkItem(
             record.job_id,
             record.params,
-            step=checkpoint.step if checkpoint else 0,
+            step=record.step,
             latents=checkpoint.latents if checkpoint else None,
-            max_steps=self._config.steps_per_dispatch,
-            replica_id=replica_id,
             trace_context=record.trace_context,
             may_be_stored=record.storage_faults > 0 or (checkpoint is None and record.inherited_until > 0),
         )
-        return [Start(item, record.call.call_id, write), *resumed]
 
     # ----- the database's view -----
 
@@ -751,8 +871,8 @@ class Scheduler:
             return []
         actions: list[Action] = []
         if record.call is not None:
-            self._pool.release(record.call.replica_id, job_id)
-            actions.append(CancelCall(job_id, record.call.call_id))
+            actions += self._stop_call(job_id, record.call)
+            self._leave_call(job_id, record.call)
         self._remove(record)
         return actions
 
@@ -822,10 +942,11 @@ class Scheduler:
         if record is None or owner not in (None, record.owner):
             return None
         position = self._queue_position(job_id) if record.place in QUEUED else None
-        checkpoint, call = record.checkpoint, record.call
+        call = record.call
+        running = self._calls.get(call.call_id) if call else None
         return Progress(
             place=record.place,
-            step=checkpoint.step if checkpoint else 0,
+            step=running.step if running else record.step,
             total_steps=record.params.num_inference_steps,
             queue_position=position,
             hold=record.hold,
@@ -850,6 +971,9 @@ class Scheduler:
         self._track(record)
         record.place = Place.HELD if record.hold is not None else Place.WAITING
         self._queue.push(record.queued)
+        if self._config.max_batch_size > 1:
+            record.batch_key = (record.lane, *record.params.batch_key(), record.step)
+            self._batchable.add(record.batch_key, record.queued)
 
     def _defer(self, record: JobRecord, until: float) -> None:
         self._unplace(record)
@@ -872,6 +996,9 @@ class Scheduler:
     def _unplace(self, record: JobRecord) -> None:
         if record.place in QUEUED:
             self._queue.remove(record.job_id)
+        if record.batch_key is not None:
+            self._batchable.discard(record.batch_key)
+            record.batch_key = None
 
     def _remove(self, record: JobRecord) -> None:
         self._unplace(record)

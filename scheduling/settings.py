@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scheduling.job_queue import QueuePolicy
+
 
 class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEIDRA_", extra="ignore")
@@ -13,10 +15,23 @@ class RouterSettings(BaseSettings):
     max_batch_queue: int = Field(10_000, ge=1, description="Waiting batch jobs before submissions get 429.")
     queue_full_retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with a 429.")
     steps_per_dispatch: int = Field(
-        0,
+        5,
         ge=0,
-        description="Denoising steps per worker call; 0 runs a job in one call. Smaller slices let "
-        "realtime jobs overtake batch jobs sooner.",
+        description="Slice length in denoising steps: a running batch call stops at a multiple of it when a "
+        "realtime job needs its slot (a worker call otherwise runs its jobs to the end: slices cost nothing "
+        "unless one is taken). 0: slicing off, a realtime job waits for a running batch job to end.",
+    )
+    max_batch_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Jobs of one lane with the same size, steps and guidance denoised together in one worker "
+        "call (batched denoising); never waited for: a call takes the compatible jobs waiting then.",
+    )
+    queue_policy: QueuePolicy = Field(
+        QueuePolicy.LANES,
+        description="lanes: realtime before batch, by priority, users taking turns. fifo: one queue, oldest "
+        "first, no preemption (a baseline for benchmarks).",
     )
     worker_ttl_s: float = Field(10.0, gt=0, description="A replica silent for this long no longer counts as capacity.")
     max_attempts: int = Field(

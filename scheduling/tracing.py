@@ -187,6 +187,28 @@ def job_span(
 
 
 @contextmanager
+def job_spans(name: str, jobs: Mapping[str, Carrier | None], attributes: Mapping[str, Any]) -> Iterator[dict[str, Span]]:
+    """One span per job of a call that serves several (`jobs`: id -> its trace), none of them current:
+    each job keeps its own trace. `use_span` one to make it the parent of what follows for its job."""
+    spans = {
+        job_id: tracer().start_span(
+            name, context=propagate.extract(parent) if parent else None, attributes={JOB_ID: job_id, **attributes}
+        )
+        for job_id, parent in jobs.items()
+    }
+    try:
+        yield spans
+    except BaseException as error:
+        for span in spans.values():
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        raise
+    finally:
+        for span in spans.values():
+            span.end()
+
+
+@contextmanager
 def enqueue_spans(submitter: Carrier | None, jobs: list[dict[str, Any]], batch: bool) -> Iterator[list[Span]]:
     """One `seidra.enqueue` span per job (`jobs` are their attributes, `seidra.job_id` included).
 

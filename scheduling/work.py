@@ -38,6 +38,11 @@ class GenerationParams:
         """The generation fields of anything that has them as attributes (a stored job, a request)."""
         return cls(**{name: getattr(record, name) for name in cls.names()})
 
+    def batch_key(self) -> tuple[int, int, int, float]:
+        """What jobs denoised together in one pipeline call share: everything but the prompts and the
+        seed (and, for the call, the step they stand at)."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
     def pipeline_arguments(self) -> dict[str, Any]:
         """The diffusers call's own arguments; the seed becomes a generator, the steps a schedule."""
         arguments = asdict(self)
@@ -47,11 +52,9 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """Advance `job_id` from denoising step `step` by at most `max_steps` steps (0: to the end).
+    """Advance `job_id` from denoising step `step` (with `latents`, the state its last call yielded).
 
-    `replica_id` is the replica the router reserved a slot on; `AssignedReplicaRouter` sends it there.
-    `trace_context` carries the job's trace (`metadata.trace_context`) from slice to slice.
-    `timeout_s` is the inference timeout the replica enforces at step boundaries (0: none).
+    `trace_context` carries the job's trace (`metadata.trace_context`) from call to call.
     `may_be_stored`: an earlier run's image may be in the store already (that run's answer was lost
     with its router, or its upload failed as far as it knew): the replica looks before it computes.
     """
@@ -60,11 +63,55 @@ class WorkItem:
     params: GenerationParams
     step: int = 0
     latents: np.ndarray | None = None
-    max_steps: int = 0
-    replica_id: str | None = None
     trace_context: dict[str, str] | None = None
-    timeout_s: float = 0.0
     may_be_stored: bool = False
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can be denoised together in one pipeline call."""
+        return (*self.params.batch_key(), self.step)
+
+
+@dataclass(frozen=True)
+class WorkBatch:
+    """One worker call: denoise `items` together on `replica_id` to the end, unless asked to yield.
+
+    A yield (see `YieldRequest`) takes effect at the next multiple of `slice_steps` steps (0: at the
+    next step): that is where a running batch lets a waiting realtime job have its slot. Until then
+    the job's latents and prompt embeddings stay where they are, on the replica: slices cost nothing
+    unless one is asked for. `timeout_s` is the inference timeout per slice, enforced by the replica
+    at step boundaries (0: none).
+    """
+
+    call_id: int
+    replica_id: str
+    items: tuple[WorkItem, ...]
+    slice_steps: int = 0
+    timeout_s: float = 0.0
+
+    @property
+    def job_ids(self) -> tuple[str, ...]:
+        return tuple(item.job_id for item in self.items)
+
+    @property
+    def step(self) -> int:
+        return self.items[0].step
+
+    @property
+    def total_steps(self) -> int:
+        return self.items[0].params.num_inference_steps
+
+    def slices_left(self) -> int:
+        """Slices between here and the end: each may take up to `timeout_s`."""
+        remaining = self.total_steps - self.step
+        return -(-remaining // self.slice_steps) if self.slice_steps else 1
+
+
+@dataclass(frozen=True)
+class YieldRequest:
+    """Ask call `call_id` on `replica_id` to stop at its next slice boundary and hand its jobs back."""
+
+    replica_id: str
+    call_id: int
 
 
 @dataclass(frozen=True)
@@ -73,10 +120,12 @@ class WorkResult:
     replica_id: str
     step: int
     duration_s: float
-    # Set while the job is unfinished; the router hands them back in the next WorkItem.
+    # Set when the call yielded before the end; the router hands them back in the job's next WorkItem.
     latents: np.ndarray | None = None
     # Set once the image is in the object store.
     object_key: str | None = None
+    # Set when the image was made but could not be stored, even after retrying: no GPU fault.
+    storage_error: str | None = None
 
     @property
     def done(self) -> bool:

@@ -79,15 +79,18 @@ class Core:
         self.scheduler.heartbeat(replica_id, 1, replace(snapshot, running_jobs=running))
 
     def finish_slice(self, start: Start, steps: int | None = None, key: str | None = None) -> list[Action]:
-        """The worker answers `start`: `steps` more steps, or the whole job with `key`."""
-        item = start.item
-        step = item.params.num_inference_steps if steps is None else item.step + steps
-        done = step >= item.params.num_inference_steps
-        result = WorkResult(
-            item.job_id, item.replica_id or "", step, 0.1,
-            latents=None if done else f"latents@{step}", object_key=(key or f"images/{item.job_id}.png") if done else None,
-        )  # fmt: skip
-        return self.record(self.scheduler.result(item.job_id, start.call_id, result))
+        """The worker answers `start` for each of its jobs: they yielded after `steps` more steps, or
+        (None) ended with their images stored (`key` for a single job's)."""
+        actions: list[Action] = []
+        for item in start.batch.items:
+            step = item.params.num_inference_steps if steps is None else item.step + steps
+            done = step >= item.params.num_inference_steps
+            result = WorkResult(
+                item.job_id, start.batch.replica_id, step, 0.1,
+                latents=None if done else f"latents@{step}", object_key=(key or f"images/{item.job_id}.png") if done else None,
+            )  # fmt: skip
+            actions += self.scheduler.result(item.job_id, start.call_id, result)
+        return self.record(actions)
 
 
 def of_type(actions: Iterable[Action], kind: type[A]) -> list[A]:
@@ -95,7 +98,8 @@ def of_type(actions: Iterable[Action], kind: type[A]) -> list[A]:
 
 
 def job_ids(starts: Iterable[Start]) -> list[str]:
-    return [start.item.job_id for start in starts]
+    """The jobs `starts` send, in order (one call's jobs together)."""
+    return [job_id for start in starts for job_id in start.batch.job_ids]
 
 
 def statuses(actions: Iterable[Action]) -> list[tuple[str, JobStatus]]:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from ray.serve._private.request_router.common import RequestRoutingContext
 
 from scheduling.assigned_replica import AssignedReplicaRouter
-from scheduling.work import GenerationParams, WorkItem
+from scheduling.work import GenerationParams, WorkBatch, WorkItem, YieldRequest
 
 PARAMS = GenerationParams("p", None, 64, 64, 4, 7.5, 1)
 
@@ -28,13 +28,14 @@ def choose(candidates: list[SimpleNamespace], pending: SimpleNamespace) -> list[
 
 def test_the_assigned_replica_and_no_other() -> None:
     a, b = replica("a"), replica("b")
-    pending = request(WorkItem("job", PARAMS, replica_id="b"))
-    assert choose([a, b], pending) == [[b]]
-    assert pending.routing_context.should_backoff is False
+    for addressed in (WorkBatch(1, "b", (WorkItem("job", PARAMS),)), YieldRequest("b", 1)):
+        pending = request(addressed)
+        assert choose([a, b], pending) == [[b]]
+        assert pending.routing_context.should_backoff is False
 
 
 def test_an_absent_replica_means_back_off() -> None:
-    pending = request(WorkItem("job", PARAMS, replica_id="gone"))
+    pending = request(WorkBatch(1, "gone", (WorkItem("job", PARAMS),)))
     assert choose([replica("a")], pending) == [[]]
     assert pending.routing_context.should_backoff is True
 

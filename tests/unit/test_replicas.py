@@ -5,10 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 from scheduling.directives import Health, InjectedFaults, Mode, ReplicaSnapshot
+import zlib
+
 from scheduling.replicas import ReplicaPool
 
 HEALTHY = ReplicaSnapshot(Mode.CUDA, Health.HEALTHY)
 HOT = ReplicaSnapshot(Mode.DEGRADED, Health.DEGRADED, "GPU temperature 95 °C >= 85 °C")
+
+
+def call_of(job_id: str) -> int:
+    """One call per job in these tests; its id follows from the job's."""
+    return zlib.crc32(job_id.encode())
 
 
 class Clock:
@@ -29,17 +36,17 @@ def pool_with(*replica_ids: str, slots: int = 1) -> tuple[ReplicaPool, Clock]:
 def test_assignment_fills_free_slots_on_usable_replicas_only() -> None:
     pool, _ = pool_with("a", "b")
     pool.report("b", 1, HOT)
-    assert pool.assign("j1") == "a"
-    assert pool.assign("j2") is None  # a is busy, b is hot
+    assert pool.assign(call_of("j1"), ["j1"]) == "a"
+    assert pool.assign(call_of("j2"), ["j2"]) is None  # a is busy, b is hot
     assert pool.usable_slots() == 0
-    pool.release("a", "j1")
-    assert pool.assign("j3") == "a"
+    pool.release("a", call_of("j1"), "j1")
+    assert pool.assign(call_of("j3"), ["j3"]) == "a"
 
 
 def test_most_free_slots_first() -> None:
     pool, _ = pool_with("a", "b", slots=2)
-    assert [pool.assign(f"j{i}") for i in range(4)] == ["b", "a", "b", "a"]
-    assert pool.assign("j5") is None
+    assert [pool.assign(call_of(f"j{i}"), [f"j{i}"]) for i in range(4)] == ["b", "a", "b", "a"]
+    assert pool.assign(call_of("j5"), ["j5"]) is None
 
 
 def test_outage_reason_only_when_every_replica_is_unusable() -> None:
@@ -49,7 +56,7 @@ def test_outage_reason_only_when_every_replica_is_unusable() -> None:
     assert pool.outage_reason() == "replica a: GPU temperature 95 °C >= 85 °C"
     pool.report("b", 1, HEALTHY)
     assert pool.outage_reason() is None
-    pool.assign("j")  # busy is not unusable
+    pool.assign(call_of("j"), ["j"])  # busy is not unusable
     assert pool.outage_reason() is None
 
 
@@ -58,9 +65,9 @@ def test_a_timeout_degrades_a_replica_until_it_cools_down() -> None:
     pool.mark_degraded("a", "GPU inference timeout", for_s=30)
     assert pool.outage_reason() == "replica a: GPU inference timeout"
     clock.now = 29.9
-    assert pool.assign("j") is None
+    assert pool.assign(call_of("j"), ["j"]) is None
     clock.now = 30
-    assert pool.assign("j") == "a"
+    assert pool.assign(call_of("j"), ["j"]) == "a"
 
 
 def test_silent_replicas_expire() -> None:
@@ -74,11 +81,11 @@ def test_silent_replicas_expire() -> None:
 
 def test_maintenance_one_or_all_drains_without_touching_running_work() -> None:
     pool, _ = pool_with("a", "b")
-    assert pool.assign("running") == "b"
+    assert pool.assign(call_of("running"), ["running"]) == "b"
     pool.set_maintenance("b", True)
     assert pool.directives("b").maintenance and not pool.directives("a").maintenance
-    pool.release("b", "running")
-    assert pool.assign("next") == "a"
+    pool.release("b", call_of("running"), "running")
+    assert pool.assign(call_of("next"), ["next"]) == "a"
     pool.set_maintenance(None, True)
     pool.report("c", 1, HEALTHY)  # joins while everything is in maintenance
     assert pool.directives("c").maintenance
@@ -101,7 +108,7 @@ def test_faults_target_one_replica_or_all() -> None:
 
 def test_describe_lists_each_replica() -> None:
     pool, clock = pool_with("a")
-    pool.assign("j")
+    pool.assign(call_of("j"), ["j"])
     clock.now = 1.25
     [row] = pool.describe()
     assert {k: row[k] for k in ("replica_id", "mode", "health", "running", "seen_s_ago", "usable", "maintenance")} == {
@@ -112,16 +119,16 @@ def test_describe_lists_each_replica() -> None:
 
 def test_a_draining_replica_finishes_only_the_jobs_it_started() -> None:
     pool, _ = pool_with("a")
-    assert pool.assign("started-here") == "a"
-    pool.release("a", "started-here")  # between two step slices
+    assert pool.assign(call_of("started-here"), ["started-here"]) == "a"
+    pool.release("a", call_of("started-here"), "started-here")  # between two step slices
     pool.set_maintenance("a", True)
-    assert pool.assign("new") is None
+    assert pool.assign(call_of("new"), ["new"]) is None
     assert pool.is_draining("a") and not pool.is_draining("gone") and pool.any_draining()
-    assert pool.assign_draining("started-here", "a") is True
-    assert pool.assign_draining("another", "a") is False  # its only slot is taken
+    assert pool.assign_draining(call_of("started-here"), "started-here", "a") is True
+    assert pool.assign_draining(call_of("another"), "another", "a") is False  # its only slot is taken
     pool.report("a", 1, HOT)
-    pool.release("a", "started-here")
-    assert pool.assign_draining("started-here", "a") is False  # degraded: not draining any more
+    pool.release("a", call_of("started-here"), "started-here")
+    assert pool.assign_draining(call_of("started-here"), "started-here", "a") is False  # degraded: not draining any more
 
 
 def test_losing_every_replica_is_an_outage() -> None:
@@ -136,9 +143,9 @@ def test_losing_every_replica_is_an_outage() -> None:
 def test_calls_a_replica_reports_count_until_they_end() -> None:
     pool, _ = pool_with("a", slots=2)
     pool.report("a", 2, replace(HEALTHY, running_jobs=("from-the-previous-router",)))
-    assert pool.assign("j1") == "a"
-    assert pool.assign("j2") is None  # one slot is still taken by a call this router never sent
-    pool.release("a", "j1")
+    assert pool.assign(call_of("j1"), ["j1"]) == "a"
+    assert pool.assign(call_of("j2"), ["j2"]) is None  # one slot is still taken by a call this router never sent
+    pool.release("a", call_of("j1"), "j1")
     assert pool.usable_slots() == 1  # released at once, not at the next report
 
 
@@ -148,6 +155,6 @@ def test_one_plan_hands_out_slots_as_one_assignment_at_a_time_would() -> None:
     pool.report("b", 2, replace(HEALTHY, running_jobs=("previous-router",)))  # a call this router never sent
     plan = pool.plan()
     assert plan.free_slots == 3 and plan.runs_elsewhere("previous-router") and not plan.runs_elsewhere("j0")
-    assert [plan.assign(f"j{i}") for i in range(4)] == ["a", "b", "a", None]
+    assert [plan.assign(call_of(f"j{i}"), [f"j{i}"]) for i in range(4)] == ["a", "b", "a", None]
     assert plan.free_slots == 0
-    assert pool.assign("j4") is None  # the plan's assignments are the pool's own
+    assert pool.assign(call_of("j4"), ["j4"]) is None  # the plan's assignments are the pool's own

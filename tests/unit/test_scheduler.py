@@ -41,8 +41,8 @@ def test_realtime_first_then_each_lane_in_order_one_per_free_slot() -> None:
     core.report("gpu-b")
     first = core.starts()
     assert job_ids(first) == ["r2", "r1"]
-    assert [start.item.replica_id for start in first] == ["gpu-b", "gpu-a"]  # most free slots, then id
-    assert [(s.write.to_status, s.write.attempts, s.write.mark_started) for s in first if s.write] == [
+    assert [start.batch.replica_id for start in first] == ["gpu-b", "gpu-a"]  # most free slots, then id
+    assert [(w.to_status, w.attempts, w.mark_started) for s in first for w in s.writes] == [
         (JobStatus.RUNNING, 1, True)
     ] * 2
     core.finish_slice(first[0])
@@ -54,10 +54,10 @@ def test_a_job_runs_in_slices_and_completes_with_one_write_per_change() -> None:
     core.submit(spec("j"))
     core.report("gpu")
     [start] = core.starts()
-    assert (start.item.step, start.item.max_steps, start.item.latents) == (0, 4, None)
+    assert (start.batch.items[0].step, start.batch.slice_steps, start.batch.items[0].latents) == (0, 4, None)
     assert core.finish_slice(start, steps=4) == []  # between slices the database already says running
     [second] = core.starts()
-    assert second.write is None and (second.item.step, second.item.latents) == (4, "latents@4")
+    assert second.writes == () and (second.batch.items[0].step, second.batch.items[0].latents) == (4, "latents@4")
     [finish] = core.finish_slice(second)
     assert isinstance(finish, Finish)
     assert (finish.write.from_status, finish.write.to_status, finish.write.result_key) == (
@@ -102,9 +102,9 @@ def test_a_gpu_timeout_holds_the_job_degrades_the_replica_and_it_resumes_when_th
     core.report("gpu")
     start, resumed = core.tick()
     assert isinstance(start, Start) and isinstance(resumed, Resumed)
-    assert start.write is not None and start.write.attempts == 2 and start.write.mark_started  # from step 0 again
-    assert start.write.metadata["degraded"]["resumed_at"] == "2027-01-15T08:00:30+00:00"
-    assert start.write.metadata["degraded"]["delays"] == 2
+    assert start.writes and start.writes[0].attempts == 2 and start.writes[0].mark_started  # from step 0 again
+    assert start.writes[0].metadata["degraded"]["resumed_at"] == "2027-01-15T08:00:30+00:00"
+    assert start.writes[0].metadata["degraded"]["delays"] == 2
 
 
 def test_after_an_outage_held_jobs_resume_realtime_first_each_lane_in_order() -> None:
@@ -121,7 +121,7 @@ def test_after_an_outage_held_jobs_resume_realtime_first_each_lane_in_order() ->
     order = []
     while starts := core.starts():
         [start] = starts
-        order.append(start.item.job_id)
+        order.append(start.batch.items[0].job_id)
         core.finish_slice(start)
     assert order == ["r0", "r1", "b0", "b1", "b2"]
     resumed = of_type(core.actions, Resumed)
@@ -139,7 +139,7 @@ def test_maintenance_drains_started_jobs_and_holds_new_ones() -> None:
     actions = core.tick()
     [resume] = of_type(actions, Start)
     [holds] = of_type(actions, HoldJobs)
-    assert (resume.item.job_id, resume.item.replica_id, resume.item.step) == ("long", "gpu", 4)
+    assert (resume.batch.items[0].job_id, resume.batch.replica_id, resume.batch.items[0].step) == ("long", "gpu", 4)
     assert [held.job_id for held in holds.jobs] == ["newcomer"]
     assert holds.jobs[0].hold.last.reason == "replica gpu: maintenance"
     core.finish_slice(resume)
@@ -155,7 +155,7 @@ def test_three_failures_end_the_job_failed_then_a_retry_with_countdown_runs_it_a
     core.report("gpu")
     for attempt in (1, 2, 3):
         [start] = core.starts()
-        assert start.write is not None and start.write.attempts == attempt
+        assert start.writes and start.writes[0].attempts == attempt
         actions = core.record(core.scheduler.error("broken", start.call_id, ErrorKind.JOB_ERROR, "RuntimeError: boom"))
     [finish] = actions
     assert isinstance(finish, Finish)
@@ -177,7 +177,7 @@ def test_three_failures_end_the_job_failed_then_a_retry_with_countdown_runs_it_a
     assert core.starts() == []
     core.clock.advance(0.1)
     [start] = core.starts()
-    assert start.write is not None and start.write.attempts == 1 and start.item.job_id == "broken"
+    assert start.writes and start.writes[0].attempts == 1 and start.batch.items[0].job_id == "broken"
 
 
 def test_a_held_job_retried_moves_to_the_realtime_lane_ahead_of_older_batch_work() -> None:
@@ -254,8 +254,8 @@ def test_a_storage_fault_costs_no_attempt_keeps_the_replica_and_the_checkpoint()
     assert places(core) == {"j": Place.DEFERRED}
     core.clock.advance(2)  # the storage backoff
     [again] = core.starts()
-    assert (again.item.step, again.item.latents, again.item.may_be_stored) == (4, "latents@4", True)
-    assert again.write is not None and again.write.attempts == 1  # still the first try
+    assert (again.batch.items[0].step, again.batch.items[0].latents, again.batch.items[0].may_be_stored) == (4, "latents@4", True)
+    assert again.writes and again.writes[0].attempts == 1  # still the first try
 
 
 def test_a_store_that_stays_broken_ends_the_job_failed_with_its_reason() -> None:
@@ -288,7 +288,7 @@ def test_a_replica_that_stops_reporting_gives_its_job_back_with_a_failure_counte
     assert of_type(actions, CancelCall) == [CancelCall("j", second.call_id)]
     assert statuses(actions)[0] == ("j", JobStatus.PENDING)
     [restart] = of_type(actions, Start)
-    assert (restart.item.replica_id, restart.item.step) == ("gpu-b", 4)  # from the last good slice
+    assert (restart.batch.replica_id, restart.batch.items[0].step) == ("gpu-b", 4)  # from the last good slice
     assert core.scheduler.result("j", second.call_id, None) == []  # type: ignore[arg-type]  # the lost call is ignored
 
 
@@ -335,8 +335,8 @@ def test_recovery_requeues_running_rows_and_keeps_hold_episodes() -> None:
     assert by_id["held"].hold.delays == 8 and not by_id["held"].new_episode
     assert by_id["held"].hold.first.at.isoformat() == "2027-01-15T07:00:00+00:00"
     core.report("gpu")
-    start = next(s for s in of_type(core.tick(), Start) if s.item.job_id == "was-running")
-    assert start.write is not None and start.write.attempts == 2
+    start = next(s for s in of_type(core.tick(), Start) if s.batch.items[0].job_id == "was-running")
+    assert start.writes and start.writes[0].attempts == 2
 
 
 def test_the_hold_record_stays_bounded_however_long_the_outage() -> None:
@@ -416,8 +416,8 @@ def test_work_items_carry_the_jobs_parameters_and_trace() -> None:
     core.submit(spec("j", metadata={"trace_context": {"traceparent": "00-ab-cd-01"}}))
     core.report("gpu")
     [start] = core.starts()
-    assert start.item.params == PARAMS and start.item.trace_context == {"traceparent": "00-ab-cd-01"}
-    assert not start.item.may_be_stored  # a new job: nothing to look for in the store
+    assert start.batch.items[0].params == PARAMS and start.batch.items[0].trace_context == {"traceparent": "00-ab-cd-01"}
+    assert not start.batch.items[0].may_be_stored  # a new job: nothing to look for in the store
 
 
 def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -> None:
@@ -431,7 +431,7 @@ def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -
     assert core.starts() == []  # gpu-a still runs it: gpu-b stays idle rather than run it twice
     core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
     [start] = core.starts()
-    assert start.item.job_id == "inherited" and start.item.may_be_stored  # the replica looks first
+    assert start.batch.items[0].job_id == "inherited" and start.batch.items[0].may_be_stored  # the replica looks first
 
 
 def test_progress_shows_the_step_reached_the_queue_position_and_the_hold() -> None:

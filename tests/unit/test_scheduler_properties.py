@@ -54,14 +54,16 @@ class OutstandingCall:
     cancelled: bool = False
 
     @property
-    def job_id(self) -> str:
-        return self.start.item.job_id
+    def job_ids(self) -> tuple[str, ...]:
+        return self.start.batch.job_ids
 
 
 class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = Core(overrides={"max_attempts": MAX_ATTEMPTS, "queue_limits": {Lane.REALTIME: 6, Lane.BATCH: 10}})
+        self.core = Core(
+            overrides={"max_attempts": MAX_ATTEMPTS, "queue_limits": {Lane.REALTIME: 6, Lane.BATCH: 10}, "max_batch_size": 2}
+        )
         self.db: dict[str, JobStatus] = {}
         self.calls: list[OutstandingCall] = []
         self.completed: set[str] = set()
@@ -75,12 +77,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     def carry_out(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Start):
-                running = [c for c in self.calls if c.job_id == action.item.job_id and not c.cancelled]
-                assert not running, f"{action.item.job_id} started while a call of it still runs"
-                if action.write is not None:
-                    self.apply(action.write)
-                else:
-                    assert self.db[action.item.job_id] is JobStatus.RUNNING, "no write, yet not running in the database"
+                batch = action.batch
+                assert len({item.batch_key() for item in batch.items}) == 1, "jobs of one call must be compatible"
+                for job_id in batch.job_ids:
+                    running = [c for c in self.calls if job_id in c.job_ids and not c.cancelled]
+                    assert not running, f"{job_id} started while a call of it still runs"
+                for write in action.writes:
+                    self.apply(write)
+                for job_id in batch.job_ids:
+                    assert self.db[job_id] is JobStatus.RUNNING, "sent, yet not running in the database"
                 self.calls.append(OutstandingCall(action))
             elif isinstance(action, (Persist, Finish)):
                 self.apply(action.write)
@@ -160,14 +165,16 @@ class SchedulerMachine(RuleBasedStateMachine):
     def fail(self, data: st.DataObject, kind: ErrorKind, with_snapshot: bool) -> None:
         call = self.calls.pop(data.draw(st.integers(0, len(self.calls) - 1)))
         snapshot = HOT if with_snapshot and kind is ErrorKind.REPLICA_UNAVAILABLE else None
-        self.carry_out(self.core.scheduler.error(call.job_id, call.start.call_id, kind, f"{kind.value}", snapshot))
+        for job_id in call.job_ids:
+            self.carry_out(self.core.scheduler.error(job_id, call.start.call_id, kind, f"{kind.value}", snapshot))
 
     @precondition(lambda self: self.calls)
     @rule(kind=st.sampled_from([ErrorKind.JOB_ERROR, ErrorKind.GPU_TIMEOUT, ErrorKind.REPLICA_LOST]))
     def fail_the_newest_call(self, kind: ErrorKind) -> None:
         """Failures in a row on one job: the newest call is often the retry of the job that just failed."""
         call = self.calls.pop()
-        self.carry_out(self.core.scheduler.error(call.job_id, call.start.call_id, kind, kind.value))
+        for job_id in call.job_ids:
+            self.carry_out(self.core.scheduler.error(job_id, call.start.call_id, kind, kind.value))
 
     @precondition(lambda self: self.db)
     @rule(data=st.data())
@@ -232,7 +239,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def replicas_never_hold_more_jobs_than_slots_and_a_job_runs_once(self) -> None:
         seen: set[str] = set()
         for row in self.core.scheduler.replicas():
-            assert len(row["running"]) <= row["slots"]
+            assert row["calls"] <= row["slots"] and len(row["running"]) <= 2 * row["calls"]
             assert not seen & set(row["running"])
             seen |= set(row["running"])
         for record in self.core.scheduler.records():
@@ -252,7 +259,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         ]  # fmt: skip
         fresh_batch = [
             s for s in starts
-            if records[s.item.job_id].lane is Lane.BATCH and not core._pool.is_draining(s.item.replica_id)
+            if records[s.batch.items[0].job_id].lane is Lane.BATCH and not core._pool.is_draining(s.batch.replica_id)
         ]  # fmt: skip
         if fresh_batch:
             assert not [r for r in waiting if r.lane is Lane.REALTIME], "batch before realtime"
