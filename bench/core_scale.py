@@ -82,7 +82,7 @@ class Simulation:
         for job_id, (start, steps) in list(self.running.items()):
             done = steps + 1 >= self.fleet.slices_per_job
             result = WorkResult(
-                job_id, start.item.replica_id or "", steps + 1, self.fleet.inference_s_per_slice,
+                job_id, start.batch.replica_id, steps + 1, self.fleet.inference_s_per_slice,
                 latents=None if done else b"latents", object_key=f"images/{job_id}.png" if done else None,
             )  # fmt: skip
             self.core.result(job_id, start.call_id, result)
@@ -91,7 +91,8 @@ class Simulation:
         self.heartbeats(self.fleet.inference_s_per_slice / self.fleet.heartbeat_s)
         starts = [action for action in self.core.tick() if isinstance(action, Start)]
         for start in starts:
-            self.running[start.item.job_id] = (start, start.item.step)
+            for item in start.batch.items:
+                self.running[item.job_id] = (start, item.step)
         self.decisions += len(starts)
         return len(starts)
 
