@@ -45,8 +45,8 @@ def config(**overrides: Any) -> SchedulerConfig:
     return SchedulerConfig(**{**values, **overrides})
 
 
-def spec(job_id: str, priority: int = 2, arrival: float = 0.0, **fields: Any) -> JobSpec:
-    return JobSpec(job_id, priority, T0 + arrival, PARAMS, **fields)
+def spec(job_id: str, priority: int = 2, arrival: float = 0.0, params: GenerationParams = PARAMS, **fields: Any) -> JobSpec:
+    return JobSpec(job_id, priority, T0 + arrival, params, **fields)
 
 
 @dataclass
