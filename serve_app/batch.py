@@ -5,7 +5,8 @@
 PROMPTS_FILE holds JSON Lines (one object per line, with the fields of `/generation/single`) or
 plain text (one prompt per line). The driver is a client of SEIDRA's HTTP API like any other and
 holds no storage credentials: it submits every item to the batch lane (`POST /generation/batch`, in
-chunks), shows progress in the job's logs, waits (`GET /jobs?batch_id=`), and ends with a summary
+chunks), waits, drawing a progress bar of the jobs ended on stderr (in the Ray job's logs: a line
+each time the count changes), and ends with a summary
 and a manifest (prompt, job id, status, result key, error), printed and, with `--manifest PATH`,
 written to a file that only its owner can read.
 
@@ -36,6 +37,7 @@ from pydantic import ValidationError
 
 from scheduling.lanes import DEFAULT_BATCH_PRIORITY, parse_priority
 from serve_app.client import DEFAULT_URL, ApiError, KeyFileError, SeidraClient, api_key_from_environment, read_key_file
+from serve_app.progress import StatusLine, bar
 from serve_app.schemas import GenerationFields
 from storage.job_status import JobStatus
 from storage.settings import SecretSettingError
@@ -116,16 +118,24 @@ def _post_until_accepted(api: SeidraClient, body: dict[str, Any], headers: dict[
 
 
 def wait(api: SeidraClient, chunks: list[Chunk], batch_id: str) -> dict[str, dict[str, Any]]:
-    """Every job once it ended, by id; chunks whose jobs have all ended are not asked again."""
-    from tqdm import tqdm
+    """Every job once it ended, by id; chunks whose jobs have all ended are not asked again.
 
+    Progress comes from one `GET /jobs?batch_id=` per unfinished chunk (up to 1,000 jobs, one
+    indexed query) every POLL_INTERVAL_S, not from each job's event stream: a batch of 10,000 images
+    would hold 10,000 connections, each polling the router four times a second, to draw one bar of
+    jobs ended.
+    """
     jobs: dict[str, dict[str, Any]] = {}
     waiting = list(chunks)
     total = sum(len(chunk.job_ids) for chunk in chunks)
-    with tqdm(total=total, desc=f"batch {batch_id}", unit="image", file=sys.stdout, mininterval=POLL_INTERVAL_S) as bar:
+    with StatusLine(sys.stderr) as line:
         while True:
             waiting = [chunk for chunk in waiting if not _ended(api, chunk, jobs)]
-            bar.update(sum(1 for job in jobs.values() if _is_terminal(job)) - bar.n)
+            ended = [job["status"] for job in jobs.values() if _is_terminal(job)]
+            counts = ", ".join(f"{ended.count(status)} {status}" for status in sorted(set(ended)))
+            line.show(
+                str(len(ended)), f"batch {batch_id}: {bar(len(ended), total, 'ended')}" + (f" ({counts})" if counts else "")
+            )
             if not waiting:
                 return jobs
             time.sleep(POLL_INTERVAL_S)

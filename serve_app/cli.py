@@ -21,7 +21,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from scheduling.lanes import Lane
-from serve_app.client import DEFAULT_URL, ApiError, KeyFileError, SeidraClient, api_key_from_environment
+from serve_app.client import (
+    DEFAULT_URL,
+    FINAL_EVENTS,
+    ApiError,
+    KeyFileError,
+    SeidraClient,
+    ServerEvent,
+    api_key_from_environment,
+)
 from serve_app.cluster import (
     STARTING,
     UP,
@@ -262,12 +270,42 @@ def cmd_submit(args: argparse.Namespace) -> None:
             job = api.post("/generation/single", json=item)
         if args.wait:
             try:
-                job = api.wait_for_job(str(job["id"]), args.timeout)
+                job = follow(api, str(job["id"]), args.timeout)
             except TimeoutError as error:
                 raise CliError(str(error)) from None
     print(json.dumps(job, indent=2) if args.json else job_line(job))
     if args.wait and job["status"] != "completed":
         raise CliError(f"job {job['id']} ended {job['status']}: {job.get('error') or 'no error recorded'}")
+
+
+def follow(api: SeidraClient, job_id: str, timeout_s: float) -> dict[str, Any]:
+    """The job once it ended, its progress drawn on stderr from its event stream as it goes."""
+    from serve_app.progress import StatusLine
+
+    with StatusLine(sys.stderr) as line:
+        for event in api.follow_job(job_id, timeout_s):
+            line.show(*progress_text(job_id, event))
+            if event.name in FINAL_EVENTS:
+                return dict(event.data)
+    raise ApiError(f"the event stream of job {job_id} ended before the job did")
+
+
+def progress_text(job_id: str, event: ServerEvent) -> tuple[str, str]:
+    """The state an event puts the job in (stderr that is not a terminal gets a line per state), and
+    the line to show."""
+    from serve_app.progress import bar
+
+    name, data, short = event.name, event.data, job_id[:8]
+    if name == "queued":
+        position = data["queue_position"]
+        return "queued", f"{short} queued" + ("" if position is None else f", {position} job(s) ahead")
+    if name == "held":
+        return "held", f"{short} held: {data['reason']} (retry in {data['retry_after_seconds']} s)"
+    if name == "resumed":
+        return "resumed", f"{short} resumed"
+    if name in ("started", "progress"):
+        return "running", f"{short} running {bar(data.get('step', 0), data['total_steps'], 'steps')}"
+    return name, f"{short} {name}"
 
 
 def job_line(job: dict[str, Any]) -> str:
@@ -611,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = with_url(command("submit", cmd_submit, "Submit one prompt."))
     submit.add_argument("prompt")
     submit.add_argument("--batch", action="store_true", help="Send it to the batch lane (/generation/batch).")
-    submit.add_argument("--wait", action="store_true", help="Wait until the job ends.")
+    submit.add_argument("--wait", action="store_true", help="Wait until the job ends, its progress on stderr.")
     submit.add_argument("--timeout", type=float, default=300, help="Seconds --wait waits (default 300).")
     submit.add_argument("--priority", type=_priority, help="0-9 or high, normal, low.")
     submit.add_argument("--negative-prompt")

@@ -7,9 +7,11 @@ carries `Authorization: Bearer <key>`; the key is never part of an error's text.
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,6 +27,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 GET_RETRIES = 3
 RETRY_AFTER_CAP_S = 30.0
 # What to do about a refused key, after the server's own message.
+# An event stream sends a comment at least every few seconds (serve_app/events.py): silence this long
+# means the connection is dead, and the client reconnects with the last event's id.
+STREAM_READ_TIMEOUT_S = 30.0
+RECONNECT_DELAY_S = 1.0
+FINAL_EVENTS = frozenset(status.value for status in JobStatus if status.is_terminal)
 AUTH_HINTS = {
     401: "set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to a valid API key; an admin makes one with `seidra keys create`",
     403: "this needs an admin API key: set SEIDRA_API_KEY (or SEIDRA_API_KEY_FILE) to one",
@@ -64,6 +71,35 @@ class ApiError(Exception):
         self.status_code = status_code
         self.message = message or text
         self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One server-sent event: its name, its data (JSON, decoded) and its id."""
+
+    name: str
+    data: Any
+    id: str | None
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[ServerEvent]:
+    """Server-sent events from the stream's lines (the WHATWG rules SEIDRA's streams need: comments
+    and `retry:` skipped, `data:` lines joined, a blank line ends an event)."""
+    name, data, event_id = "message", [], None
+    for line in lines:
+        if not line:
+            if data:
+                yield ServerEvent(name, json.loads("\n".join(data)), event_id)
+            name, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = value
 
 
 class SeidraClient:
@@ -117,6 +153,39 @@ class SeidraClient:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s:.0f} s")
             self._sleep(poll_s)
 
+    def follow_job(self, job_id: str, timeout_s: float) -> Iterator[ServerEvent]:
+        """The job's events (`GET /jobs/{id}/events`) up to and including its final one, whose data
+        is the job. A dropped connection, or a 503, is resumed with `Last-Event-ID`: nothing comes
+        twice. TimeoutError when the job has not ended within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        late = f"job {job_id} has not ended after {timeout_s:.0f} s"
+        last_id: str | None = None
+        while True:
+            try:
+                for event in self._event_stream(job_id, last_id, deadline, late):
+                    last_id = event.id or last_id
+                    yield event
+                    if event.name in FINAL_EVENTS:
+                        return
+            except httpx.TransportError:
+                pass  # the API replica restarted, a proxy dropped the connection: resume
+            except ApiError as error:
+                if error.status_code != 503:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(late)
+            self._sleep(RECONNECT_DELAY_S)
+
+    def _event_stream(self, job_id: str, last_id: str | None, deadline: float, late: str) -> Iterator[ServerEvent]:
+        path = f"/jobs/{job_id}/events"
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _api_error("GET", path, response)
+            yield from parse_events(_until(response.iter_lines(), deadline, late))
+
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         retries_left = self._get_retries if method == "GET" else 0
         while True:
@@ -132,6 +201,14 @@ class SeidraClient:
                 raise failure
             retries_left -= 1
             self._sleep(wait_s)
+
+
+def _until(lines: Iterator[str], deadline: float, late: str) -> Iterator[str]:
+    """The lines of a stream until `deadline`: keep-alive comments come often enough to notice it."""
+    for line in lines:
+        if time.monotonic() > deadline:
+            raise TimeoutError(late)
+        yield line
 
 
 def _api_error(method: str, path: str, response: httpx.Response) -> ApiError:
