@@ -73,6 +73,7 @@ def test_every_route_but_health_refuses_callers_without_a_working_key(people: Pe
         ("GET", f"/jobs/{job_id}", {}),
         ("GET", "/jobs", {}),
         ("GET", f"/jobs/{job_id}/image", {}),
+        ("GET", f"/jobs/{job_id}/events", {}),
         ("DELETE", f"/jobs/{job_id}", {}),
         ("POST", f"/jobs/{job_id}/retry", {}),
         ("GET", "/notifications", {}),
@@ -99,11 +100,12 @@ def test_a_user_sees_and_touches_only_their_own_jobs(people: People, jobs: dict[
     # Own job: readable, its image downloadable; finished, so cancel and retry are conflicts.
     assert people.ann.get(f"/jobs/{ann_id}").status_code == 200
     assert people.ann.get(f"/jobs/{ann_id}/image").status_code == 200
+    assert people.ann.get(f"/jobs/{ann_id}/events").text.rstrip().endswith("}")  # the end, then it closes
     assert people.ann.delete(f"/jobs/{ann_id}").status_code == 409
     assert people.ann.post(f"/jobs/{ann_id}/retry").status_code == 409
     # Another's: exactly as a job that does not exist.
     missing = "00000000-0000-4000-8000-000000000000"
-    for path_of in (lambda j: f"/jobs/{j}", lambda j: f"/jobs/{j}/image"):
+    for path_of in (lambda j: f"/jobs/{j}", lambda j: f"/jobs/{j}/image", lambda j: f"/jobs/{j}/events"):
         other, absent = people.ann.get(path_of(bob_id)), people.ann.get(path_of(missing))
         assert other.status_code == absent.status_code == 404
         assert other.json()["detail"].replace(bob_id, "ID") == absent.json()["detail"].replace(missing, "ID")
@@ -117,6 +119,7 @@ def test_cancelling_another_users_waiting_job_is_404_and_leaves_it_waiting(peopl
     try:
         waiting = submitted(people.bob, "bob's waiting job", wait=False)
         assert people.ann.delete(f"/jobs/{waiting['id']}").status_code == 404
+        assert people.ann.get(f"/jobs/{waiting['id']}/events").status_code == 404  # at once, not a stream
         assert people.ann.post(f"/jobs/{waiting['id']}/retry").status_code == 404
         assert app.job(waiting["id"])["status"] == "pending"
         assert people.bob.delete(f"/jobs/{waiting['id']}").json()["status"] == "cancelled"
