@@ -87,3 +87,22 @@ def reconciler_repairs() -> Counter:
         description="Jobs the reconciler repaired: adopted (unfinished in the database, unknown to the router) or dropped.",
         tag_keys=("repair",),
     )
+
+
+@cache
+def calls_yielded() -> Counter:
+    return Counter(
+        "seidra_calls_yielded",
+        description="Worker calls asked to yield their slot at a slice boundary, by reason.",
+        tag_keys=("reason",),
+    )
+
+
+@cache
+def call_batch_size() -> Histogram:
+    return Histogram(
+        "seidra_call_batch_size",
+        description="Jobs denoised together per worker call, by lane.",
+        boundaries=[1, 2, 4, 8, 16, 32, 64],
+        tag_keys=("lane",),
+    )

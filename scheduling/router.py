@@ -435,6 +435,7 @@ class JobRouter:
 
     def _carry_out(self, action: Action) -> asyncio.Future[GenerationJob] | None:
         if isinstance(action, Start):
+            metrics.call_batch_size().observe(len(action.batch.items), tags={"lane": action.lane.value})
             futures = [self._writer.transition(write) for write in action.writes]
             self._spawn(self._run(action, futures))
             return None
@@ -450,6 +451,7 @@ class JobRouter:
         elif isinstance(action, CancelCall):
             self._calls.cancel(action.call_id)
         elif isinstance(action, YieldCall):
+            metrics.calls_yielded().inc(tags={"reason": action.reason})
             self._spawn(self._calls.request_yield(action.request))
         elif isinstance(action, DeleteImage):
             self._spawn(self._delete_image(action.job_id))

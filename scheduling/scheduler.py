@@ -147,6 +147,7 @@ class Start:
     """Write `writes` (the database must learn that those jobs run), then send `batch` to its replica."""
 
     batch: WorkBatch
+    lane: Lane
     writes: tuple[JobWrite, ...] = ()
 
     @property
@@ -203,6 +204,7 @@ class YieldCall:
     """Ask a running call to stop at its next slice boundary; its jobs then wait in their lanes again."""
 
     request: YieldRequest
+    reason: str  # "realtime": a realtime job wants the slot; "stop": one of its jobs must stop
 
 
 @dataclass(frozen=True)
@@ -506,13 +508,13 @@ class Scheduler:
         running = self._calls.get(call.call_id)
         if running is None or running.jobs == {job_id}:
             return [CancelCall(job_id, call.call_id)]
-        return self._yield(call.call_id, running)
+        return self._yield(call.call_id, running, "stop")
 
-    def _yield(self, call_id: int, running: RunningCall) -> list[Action]:
+    def _yield(self, call_id: int, running: RunningCall, reason: str) -> list[Action]:
         if running.yielding:
             return []
         running.yielding = True
-        return [YieldCall(YieldRequest(running.replica_id, call_id))]
+        return [YieldCall(YieldRequest(running.replica_id, call_id), reason)]
 
     def retry(self, job: JobSpec, countdown_s: float = 0.0, quota: Quota | None = None) -> list[Action]:
         """Queue a failed, cancelled or held job again at realtime priority, after `countdown_s`.
@@ -814,7 +816,7 @@ class Scheduler:
             if slots_wanted <= 0:
                 break
             if not running.yielding:
-                actions += self._yield(call_id, running)
+                actions += self._yield(call_id, running, "realtime")
                 slots_wanted -= 1
         return actions
 
@@ -845,7 +847,7 @@ class Scheduler:
         worst_priority = max(record.queued.priority for record in records)
         self._calls[call_id] = RunningCall(replica_id, first.lane, worst_priority, {r.job_id for r in records}, first.step)
         batch = WorkBatch(call_id, replica_id, tuple(self._item(record) for record in records), self._config.steps_per_dispatch)
-        return [Start(batch, tuple(writes)), *resumed]
+        return [Start(batch, first.lane, tuple(writes)), *resumed]
 
     @staticmethod
     def _item(record: JobRecord) -> WorkItem:

@@ -14,7 +14,7 @@ import pytest
 
 from deployments.random_model import SD15, Architecture, build_text_encoder, build_tokenizer, build_unet, build_vae
 from deployments.tiny_model import is_tiny_model
-from scheduling.work import GenerationParams, WorkItem
+from scheduling.work import GenerationParams, WorkBatch, WorkItem
 from serve_app.cli import main
 
 # runwayml/stable-diffusion-v1-5's parameter counts.
@@ -102,7 +102,7 @@ def test_a_scaled_down_sd15_is_written_in_float16_and_generates_through_the_work
     assert tuple(runner.pipeline.unet.config.block_out_channels) == (32, 32, 64, 64)
     assert len(runner.pipeline.tokenizer) == runner.pipeline.text_encoder.config.vocab_size == 49408
     params = GenerationParams("a lighthouse", None, width=64, height=64, num_inference_steps=1, guidance_scale=7.5, seed=1)
-    output = runner.advance(WorkItem("job", params))
+    [output] = runner.advance(WorkBatch(1, "replica", (WorkItem("job", params),)))
     assert (output.step, output.total_steps) == (1, 1)
     assert output.png.startswith(b"\x89PNG")
 

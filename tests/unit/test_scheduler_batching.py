@@ -46,7 +46,7 @@ def test_a_waiting_realtime_job_makes_a_running_batch_call_yield_once_then_takes
     [batch_call] = core.starts()
     core.submit(spec("urgent", 2, 1))
     [yield_call] = core.tick()
-    assert yield_call == YieldCall(YieldRequest("gpu", batch_call.call_id))
+    assert yield_call == YieldCall(YieldRequest("gpu", batch_call.call_id), "realtime")
     assert core.tick() == []  # asked once
     core.finish_slice(batch_call, steps=4)  # it yielded at step 4
     [urgent] = core.starts()
@@ -82,7 +82,7 @@ def test_cancelling_one_job_of_a_call_makes_the_call_yield_and_the_others_carry_
     [call] = core.starts()
     actions = core.record(core.scheduler.cancel("drop"))
     assert statuses(actions) == [("drop", JobStatus.CANCELLED)]
-    assert of_type(actions, YieldCall) == [YieldCall(YieldRequest("gpu", call.call_id))]
+    assert of_type(actions, YieldCall) == [YieldCall(YieldRequest("gpu", call.call_id), "stop")]
     assert of_type(actions, CancelCall) == []  # that would cost "keep" its steps
     core.finish_slice(call, steps=4)
     [again] = core.starts()
