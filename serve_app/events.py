@@ -81,7 +81,8 @@ class Told:
             )
         except ValueError:
             return None
-        return told if told.step >= 0 and told.hold_delays >= 0 else None
+        sane = told.step >= 0 and told.hold_delays >= 0 and (told.ended is None or JobStatus(told.ended).is_terminal)
+        return told if sane else None
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,9 @@ def test_a_job_cancelled_while_waiting_was_never_started() -> None:
     assert names(events, live(position=4), ended("cancelled")) == ["queued", "cancelled"]
 
 
-@pytest.mark.parametrize("bad", [None, "", "garbage", "v1.1.2", "v2.0.0.-.-.0.-", "v1.0.-3.-.-.0.-", "v1.0.0.-.-.0.pending?"])
+@pytest.mark.parametrize(
+    "bad", [None, "", "garbage", "v1.1.2", "v2.0.0.-.-.0.-", "v1.0.-3.-.-.0.-", "v1.0.0.-.-.0.pending?", "v1.0.0.-.-.0.running"]
+)
 def test_unreadable_ids_start_from_the_current_state(bad: str | None) -> None:
     assert Told.from_event_id(bad) is None
     assert names(JobEvents(bad), live("running", 4)) == ["started", "progress"]
