@@ -16,9 +16,10 @@ it was not told last. Two events have the same id only when they tell the same t
 that went 5, 4, then 5 again, when a realtime job came ahead). An id that cannot be read (another
 format, a forged one) counts as none: the stream starts from the job's current state.
 
-Polling, not pushing: a slice ends when the router records its step, and a poll every
-`POLL_INTERVAL_S` sees it; at most one `progress` event goes per poll, so at most one every 250 ms,
-and one per slice whenever slices last longer than that (shorter ones are summed up by the next).
+Polling, not pushing: the router's step moves when a slice ends (and as a replica reports it
+within a call), and a poll every `POLL_INTERVAL_S` sees it; at most one `progress` event goes per
+poll, so at most one every 250 ms, and at least one per slice whenever slices last longer than that
+(shorter ones are summed up by the next).
 """
 
 from __future__ import annotations
