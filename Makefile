@@ -44,5 +44,10 @@ drill: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra} $(BIN)/python -m serve_app.drill
 
 # docs/benchmarks.md's figures: each run appends a dated result (machine, command, table, raw JSON).
+# The serving scenarios bring SEIDRA up on a Ray head of their own (SEIDRA_MODEL, else the tiny model);
+# BENCH_ARGS sets their sizes (python -m bench.serving --help).
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m bench.core_scale --steps 60 --record docs/benchmarks.md
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} SEIDRA_HOME=$${SEIDRA_HOME:-$(CURDIR)/.seidra} \
+		$(BIN)/python -m bench.serving $(BENCH_ARGS) --record docs/benchmarks.md

@@ -11,12 +11,34 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 RESULTS_HEADING = "## Results"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of issue 11 and the same run's figure for it."""
+
+    name: str  # as the issue states it, e.g. "batch images/s, slicing on / off >= 0.95"
+    measured: float | None  # None: the run could not measure it
+    threshold: float
+    at_least: bool  # met when measured >= threshold; otherwise when measured <= threshold
+    note: str = ""  # what the reader must know to weigh the figure (a setting the cluster ignored)
+
+    @property
+    def verdict(self) -> str:
+        if self.measured is None:
+            return "not measured"
+        met = self.measured >= self.threshold if self.at_least else self.measured <= self.threshold
+        return "met" if met else "missed"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"target": self.name, "measured": self.measured, "verdict": self.verdict, "note": self.note}
 
 
 def machine() -> str:
@@ -42,8 +64,18 @@ def _meminfo_kib(name: str) -> float:
     return next((float(line.split()[1]) for line in lines if line.startswith(name + ":")), 0.0)
 
 
-def section(title: str, figures: Mapping[str, Any], report: Mapping[str, Any], command: str, when: datetime) -> str:
+def section(
+    title: str,
+    figures: Mapping[str, Any],
+    report: Mapping[str, Any],
+    command: str,
+    when: datetime,
+    targets: Sequence[Target] = (),
+) -> str:
     table = ["| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in figures.items())]
+    if targets:
+        table += ["", "| target (issue 11) | measured, same run | verdict |", "|---|---|---|"]
+        table += [f"| {t.name} | {t.measured} | {t.verdict}{f' ({t.note})' if t.note else ''} |" for t in targets]
     return "\n".join([
         f"### {title}, {when:%Y-%m-%d %H:%M} UTC",
         "",
@@ -63,13 +95,13 @@ def section(title: str, figures: Mapping[str, Any], report: Mapping[str, Any], c
     ])  # fmt: skip
 
 
-def append(path: Path, title: str, figures: Mapping[str, Any], report: Mapping[str, Any]) -> None:
+def append(path: Path, title: str, figures: Mapping[str, Any], report: Mapping[str, Any], targets: Sequence[Target] = ()) -> None:
     """Append the result to `path`, under its `## Results` heading (added when missing)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if RESULTS_HEADING not in text:
         text = text.rstrip("\n") + f"\n\n{RESULTS_HEADING}\n"
     command = shlex.join(["python", "-m", *_module_and_args()])
-    text = text.rstrip("\n") + "\n\n" + section(title, figures, report, command, datetime.now(timezone.utc))
+    text = text.rstrip("\n") + "\n\n" + section(title, figures, report, command, datetime.now(timezone.utc), targets)
     path.write_text(text)
 
 
