@@ -15,6 +15,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -77,7 +79,7 @@ class DiffusionWorker:
         parents = {item.job_id: (traces or {}).get(item.job_id) for item in batch.items}
         with tracing.job_spans("seidra.inference", parents, attributes) as spans:
             try:
-                results = await self._advance(batch)
+                results = await self._advance(batch, spans)
             except asyncio.CancelledError:  # not an Exception: OpenTelemetry would not mark it
                 for span in spans.values():
                     tracing.mark_failed(span, "given up by the router (a timeout or a cancelled job)")
@@ -92,12 +94,12 @@ class DiffusionWorker:
         if control is not None:
             control.yield_requested.set()
 
-    async def _advance(self, batch: WorkBatch) -> list[WorkResult]:
+    async def _advance(self, batch: WorkBatch, spans: dict[str, Span]) -> list[WorkResult]:
         stored = await self._already_stored(batch)
         results = [WorkResult(item.job_id, self._replica_id, batch.total_steps, 0.0, object_key=image_key(item.job_id)) for item in stored]
         batch = replace(batch, items=tuple(item for item in batch.items if item not in stored))
         if batch.items:
-            results += await self._denoise(batch)
+            results += await self._denoise(batch, spans)
         return results
 
     async def _already_stored(self, batch: WorkBatch) -> list[WorkItem]:
@@ -107,7 +109,7 @@ class DiffusionWorker:
         found = await asyncio.gather(*(asyncio.to_thread(self._is_stored, item.job_id) for item in maybe))
         return [item for item, is_stored in zip(maybe, found, strict=True) if is_stored]
 
-    async def _denoise(self, batch: WorkBatch) -> list[WorkResult]:
+    async def _denoise(self, batch: WorkBatch, spans: dict[str, Span]) -> list[WorkResult]:
         from deployments.pipeline import StepControl
 
         faults = self.model_manager.faults
@@ -134,14 +136,23 @@ class DiffusionWorker:
             step_s = duration_s / (outputs[0].step - batch.step)
             metrics.worker_metrics()["step"].observe(step_s, tags={"replica": self._replica_id})
         # After the GPU's part: an object store that fails is a storage fault, not a sick GPU.
-        return list(await asyncio.gather(*(self._result(item.job_id, output, duration_s) for item, output in zip(batch.items, outputs, strict=True))))
+        results = [
+            self._result(item.job_id, output, duration_s, spans[item.job_id])
+            for item, output in zip(batch.items, outputs, strict=True)
+        ]
+        return list(await asyncio.gather(*results))
 
-    async def _result(self, job_id: str, output: Any, duration_s: float) -> WorkResult:
+    async def _result(self, job_id: str, output: Any, duration_s: float, span: Span) -> WorkResult:
         result = WorkResult(job_id, self._replica_id, output.step, duration_s, latents=output.latents)
         if output.png is None:
             return result
+        with trace.use_span(span):  # the upload is a child of the job's inference span
+            return await self._stored(result, output.png)
+
+    async def _stored(self, result: WorkResult, png: bytes) -> WorkResult:
+        job_id = result.job_id
         try:
-            return replace(result, object_key=await self._store_image(job_id, output.png))
+            return replace(result, object_key=await self._store_image(job_id, png))
         except StorageUnavailable as unavailable:
             return replace(result, storage_error=unavailable.reason)
 
@@ -178,10 +189,8 @@ class DiffusionWorker:
         work.add_done_callback(ended)
         return work
 
-    async def _store_image(self, job_id: str, png: bytes | None) -> str | None:
+    async def _store_image(self, job_id: str, png: bytes) -> str:
         """Put the image, retrying with backoff for `upload_timeout_s`; then StorageUnavailable."""
-        if png is None:
-            return None
         key = image_key(job_id)
         self._uploading.add(job_id)  # still running here: a restarted router must not send it elsewhere
         try:

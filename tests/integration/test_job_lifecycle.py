@@ -6,12 +6,15 @@ Each of these failed before the scheduling core and the router shell replaced th
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from storage.database import get_engine
 from storage.object_store import image_key
@@ -179,3 +182,25 @@ def test_a_long_hold_keeps_a_small_record_and_notifies_once(app: RunningApp) -> 
     [done] = app.wait_for([job_id])
     assert [n["level"] for n in app.notifications(job_id)] == ["info", "warning"]
     assert done["metadata"]["degraded"]["delays"] >= 4 and "resumed_at" in done["metadata"]["degraded"]
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_a_realtime_job_takes_the_slot_of_a_running_batch_job_which_resumes_to_the_same_image(app: RunningApp) -> None:
+    fields = {"prompt": "a long batch image", "width": 64, "height": 64, "num_inference_steps": 60, "seed": 5}
+    app.inject(inference_delay_s=0.05)  # 3 s for the batch job's 60 steps, 0.2 s per 4-step slice
+    [long] = app.submit_batch([fields])["job_ids"]
+    app.wait_for([long], statuses=("running",), timeout_s=60)
+    urgent = app.submit(prompt="urgent", width=64, height=64, num_inference_steps=8)["id"]
+    [urgent_done] = app.wait_for([urgent], timeout_s=60)
+    assert urgent_done["status"] == "completed"
+    assert app.job(long)["status"] == "running"  # it gave its slot away at a slice boundary, not its progress
+    app.clear_faults()
+    [long_done] = app.wait_for([long], timeout_s=60)
+    assert (long_done["status"], long_done["attempts"], long_done["metadata"].get("failures", 0)) == ("completed", 1, 0)
+    # The same job again, on an idle cluster, in one call: the same image.
+    [alone] = app.wait_for([app.submit_batch([fields])["job_ids"][0]], timeout_s=60)
+    yielded, whole = (png_pixels(app.media.get(job["result_key"])) for job in (long_done, alone))
+    assert np.abs(yielded.astype(int) - whole.astype(int)).max() <= 1
