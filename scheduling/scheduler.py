@@ -777,15 +777,15 @@ class Scheduler:
 
     def _companions(self, first: JobRecord, plan: SlotPlan) -> list[JobRecord]:
         """Waiting jobs to denoise in one call with `first`, up to `max_batch_size` in all: same lane
-        and batch key, best priority then oldest first. Nothing waits for a batch to fill."""
+        and batch key, in queue order. Nothing waits for a batch to fill."""
         if first.batch_key is None:
             return []
         chosen: dict[str, JobRecord] = {first.job_id: first}
 
         def usable(queued: QueuedJob) -> bool | None:
-            record = self._records.get(queued.job_id)
-            if record is None or record.queued is not queued or record.batch_key != first.batch_key or queued.job_id in chosen:
-                return None  # stale: the job left the queue (or came back with another entry)
+            if queued.job_id == first.job_id:
+                return None  # on its way already
+            record = self._records[queued.job_id]
             if self._runs_elsewhere(record, plan):
                 return False
             chosen[queued.job_id] = record
@@ -999,7 +999,7 @@ class Scheduler:
         if record.place in QUEUED:
             self._queue.remove(record.job_id)
         if record.batch_key is not None:
-            self._batchable.discard(record.batch_key)
+            self._batchable.discard(record.batch_key, record.job_id)
             record.batch_key = None
 
     def _remove(self, record: JobRecord) -> None:

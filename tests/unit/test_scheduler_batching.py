@@ -12,7 +12,7 @@ from storage.job_status import JobStatus
 from tests.unit.scheduler_harness import PARAMS, Core, job_ids, of_type, spec, statuses
 
 
-def test_a_call_takes_the_compatible_jobs_waiting_in_its_lane_best_priority_then_oldest() -> None:
+def test_a_call_takes_the_compatible_jobs_waiting_in_its_lane_in_queue_order() -> None:
     core = Core(overrides={"max_batch_size": 3})
     wide = replace(PARAMS, width=128)
     core.submit(
@@ -108,3 +108,14 @@ def test_progress_follows_the_replicas_reports_between_slices() -> None:
     core.scheduler.progress_report(call.call_id, 2)  # reports may arrive out of order
     progress = core.scheduler.progress("j")
     assert progress is not None and (progress.place, progress.step, progress.total_steps) == (Place.RUNNING, 3, 8)
+
+
+def test_batches_keep_fair_share_users_take_turns_within_a_call() -> None:
+    core = Core(overrides={"max_batch_size": 4})
+    core.submit(*[spec(f"gina-{n}", 8, n, owner="gina") for n in range(6)])
+    core.submit(*[spec(f"hugo-{n}", 8, 10 + n, owner="hugo") for n in range(2)])
+    core.report("gpu")
+    [start] = core.starts()
+    assert start.batch.job_ids == ("gina-0", "hugo-0", "gina-1", "hugo-1")  # gina's turn, then in turns
+    core.finish_slice(start)
+    assert job_ids(core.starts()) == ["gina-2", "gina-3", "gina-4", "gina-5"]
