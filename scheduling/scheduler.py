@@ -265,6 +265,7 @@ class JobRecord:
     # Recovered as running: a replica that has not reported yet may still run a previous router's call.
     inherited_until: float = 0.0
     batch_key: tuple[Any, ...] | None = None  # while indexed for batching
+    inference_s: float = 0.0  # in the calls that brought it to its checkpoint
 
     @property
     def step(self) -> int:
@@ -568,9 +569,10 @@ class Scheduler:
         if record.place is Place.STOPPING:
             self._remove(record)
             return [DeleteImage(job_id)] if result.done else []
+        record.inference_s += result.duration_s
         if result.done:
             self._remove(record)
-            metadata = {"replica_id": result.replica_id, "inference_s": round(result.duration_s, 3)}
+            metadata = {"replica_id": result.replica_id, "inference_s": round(record.inference_s, 3)}
             return [
                 Finish(
                     self._write(record, JobStatus.COMPLETED, metadata=metadata, mark_finished=True, result_key=result.object_key),
@@ -622,7 +624,7 @@ class Scheduler:
             delay_s = self._config.storage_backoff.delay_s(record.storage_faults, self._rand)
             self._defer(record, self._clock() + delay_s)
             return actions
-        record.checkpoint = None  # a run that raised may have left bad state: start over
+        record.checkpoint, record.inference_s = None, 0.0  # a run that raised may have left bad state: start over
         return self._failed(record, detail)
 
     def _end_call(self, job_id: str, call_id: int) -> tuple[JobRecord, str] | None:

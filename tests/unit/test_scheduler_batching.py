@@ -55,6 +55,8 @@ def test_a_waiting_realtime_job_makes_a_running_batch_call_yield_once_then_takes
     [resumed] = core.starts()
     assert (resumed.batch.job_ids, resumed.batch.step, resumed.batch.items[0].latents) == (("long",), 4, "latents@4")
     assert resumed.writes == ()  # it never stopped running, as far as the database is concerned
+    [finish] = core.finish_slice(resumed)
+    assert isinstance(finish, Finish) and finish.write.metadata["inference_s"] == 0.2  # both of its calls
 
 
 def test_with_slicing_off_or_a_fifo_queue_nothing_yields() -> None:
