@@ -63,7 +63,7 @@ def test_a_job_runs_in_slices_and_completes_with_one_write_per_change() -> None:
     assert (finish.write.from_status, finish.write.to_status, finish.write.result_key) == (
         {JobStatus.RUNNING}, JobStatus.COMPLETED, "images/j.png",
     )  # fmt: skip
-    assert finish.write.mark_finished and finish.write.metadata == {"replica_id": "gpu", "inference_s": 0.1}
+    assert finish.write.mark_finished and finish.write.metadata == {"replica_id": "gpu", "inference_s": 0.2}  # two calls
     assert places(core) == {}
 
 
