@@ -458,24 +458,30 @@ class JobRouter:
         return None
 
     async def _run(self, start: Start, written: list[asyncio.Future[GenerationJob]]) -> None:
-        """Write, then call: whatever happens, the core hears how the call ended for each of its jobs
-        (a task that died would leave them running in the core for good, their slot taken)."""
+        """Call, and meanwhile write: whatever happens, the core hears how the call ended for each of
+        its jobs (a task that died would leave them running in the core for good, their slot taken).
+
+        The call does not wait for the database to say `running`: the writes are queued in order (a
+        job's start lands before its end), and a database round trip per call would idle the GPU
+        between calls. A start the database refuses (the row changed behind the router) stops the
+        job's part of the call; whatever it computed is dropped.
+        """
         batch = start.batch
+        items = tuple(item for item in batch.items if self._core.is_running(item.job_id, batch.call_id))
+        for item in batch.items:
+            if item not in items:  # cancelled before its call could leave: never sent
+                self._execute(self._core.error(item.job_id, batch.call_id, ErrorKind.JOB_ERROR, "not sent"))
+        call = asyncio.ensure_future(self._call(replace(batch, items=items))) if items else None
         for write, future in zip(start.writes, written, strict=True):
             try:
                 job = await future
-            except Exception as refused:  # the row changed behind the router: the job is not sent
+            except Exception as refused:
                 self._let_go(write.job_id, refused)
                 continue
             if write.mark_started:
                 self._started(job)
-        items = tuple(item for item in batch.items if self._core.is_running(item.job_id, batch.call_id))
-        for item in batch.items:
-            if item not in items:
-                # Cancelled, let go of, or its replica gone while its write waited: never sent.
-                self._execute(self._core.error(item.job_id, batch.call_id, ErrorKind.JOB_ERROR, "not sent"))
-        if items:
-            await self._call(replace(batch, items=items))
+        if call is not None:
+            await call
         self._wake.set()
 
     async def _call(self, batch: WorkBatch) -> None:
