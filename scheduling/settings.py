@@ -15,7 +15,7 @@ class RouterSettings(BaseSettings):
     max_batch_queue: int = Field(10_000, ge=1, description="Waiting batch jobs before submissions get 429.")
     queue_full_retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with a 429.")
     steps_per_dispatch: int = Field(
-        5,
+        2,
         ge=0,
         description="Slice length in denoising steps: a running batch call stops at a multiple of it when a "
         "realtime job needs its slot (a worker call otherwise runs its jobs to the end: slices cost nothing "
