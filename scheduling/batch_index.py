@@ -49,6 +49,3 @@ class BatchIndex:
         if not queue:
             del self._queues[key]
         return taken
-
-    def __len__(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())

@@ -100,11 +100,6 @@ class WorkBatch:
     def total_steps(self) -> int:
         return self.items[0].params.num_inference_steps
 
-    def slices_left(self) -> int:
-        """Slices between here and the end: each may take up to `timeout_s`."""
-        remaining = self.total_steps - self.step
-        return -(-remaining // self.slice_steps) if self.slice_steps else 1
-
 
 @dataclass(frozen=True)
 class YieldRequest:
