@@ -29,6 +29,7 @@ from scheduling.scheduler import (
     Place,
     Start,
     UnknownJob,
+    YieldCall,
 )
 from storage.job_status import ALLOWED, IllegalTransition, JobStatus
 from tests.unit.scheduler_harness import HEALTHY, HOT, Core, spec
@@ -96,6 +97,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 for call in self.calls:
                     if call.start.call_id == action.call_id:
                         call.cancelled = True
+            elif isinstance(action, YieldCall):
+                [call] = [c for c in self.calls if c.start.call_id == action.request.call_id]
+                assert action.request.replica_id == call.start.batch.replica_id
+                if action.reason == "realtime":
+                    assert call.start.lane is Lane.BATCH, "only batch calls give their slot to realtime work"
+                else:
+                    assert any(self.db[job_id] is JobStatus.CANCELLED for job_id in call.job_ids), "a stop for no reason"
 
     def apply(self, write: JobWrite) -> None:
         current = self.db[write.job_id]
