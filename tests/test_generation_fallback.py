@@ -130,12 +130,12 @@ def test_realtime_jobs_take_precedence_over_batch_queue(app: RunningApp) -> None
 
     jobs = {job["id"]: job for job in app.wait_for([long_batch, *waiting, realtime])}
     assert all(started(jobs[realtime]) < started(jobs[job_id]) for job_id in waiting)
-    # Work is dispatched in step slices, so the realtime job does not wait for the long one either.
+    # The long job's call yields its slot at a slice boundary, so the realtime job does not wait for it either.
     assert jobs[realtime]["finished_at"] < jobs[long_batch]["finished_at"]
 
 
 def test_maintenance_drains_running_work_and_holds_new_work(app: RunningApp) -> None:
-    app.inject(inference_delay_s=0.1)  # 80 steps: 8 s at least, in 4-step calls well inside the timeout
+    app.inject(inference_delay_s=0.1)  # 80 steps: 8 s at least, in 4-step slices well inside the timeout
     long_job = app.submit(prompt="long job", num_inference_steps=80)["id"]
     app.wait_for([long_job], statuses=("running",), timeout_s=60)
     response = app.http.post("/admin/maintenance", json={"enabled": True})
