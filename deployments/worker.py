@@ -157,22 +157,26 @@ class DiffusionWorker:
             return replace(result, storage_error=unavailable.reason)
 
     def _progress_reporter(self, call_id: int) -> Any:
-        """What the pipeline thread calls after each step: tells the router, at most every
-        PROGRESS_INTERVAL_S (fire and forget: the GPU never waits for the router)."""
+        """What the pipeline thread calls after each step: at most every PROGRESS_INTERVAL_S, it
+        hands a report to the event loop, which sends it (fire and forget: the GPU thread never
+        waits for the router, nor for the lookup of its actor)."""
+        loop = asyncio.get_running_loop()
         last_s = time.monotonic()
 
         def report(step: int) -> None:
             nonlocal last_s
             now = time.monotonic()
-            if now - last_s < PROGRESS_INTERVAL_S:
-                return
-            last_s = now
-            try:
-                get_router(self._app_name).report_progress.remote(call_id, step)
-            except Exception:  # the router is restarting: the next report may get through
-                logger.debug("Could not report progress of call %d", call_id, exc_info=True)
+            if now - last_s >= PROGRESS_INTERVAL_S:
+                last_s = now
+                loop.call_soon_threadsafe(self._send_progress, call_id, step)
 
         return report
+
+    def _send_progress(self, call_id: int, step: int) -> None:
+        try:
+            get_router(self._app_name).report_progress.remote(call_id, step)
+        except Exception:  # the router is restarting: the next report may get through
+            logger.debug("Could not report progress of call %d", call_id, exc_info=True)
 
     def _start_inference(self, batch: WorkBatch, control: Any) -> asyncio.Future[Any]:
         """The pipeline call in a thread; its jobs count as running here until the thread ends, even
