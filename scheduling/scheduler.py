@@ -144,7 +144,7 @@ class JobWrite:
 
 @dataclass(frozen=True)
 class Start:
-    """Write `writes` (the database must learn that those jobs run), then send `batch` to its replica."""
+    """Send `batch` to its replica, and meanwhile write `writes` (the database learns those jobs run)."""
 
     batch: WorkBatch
     lane: Lane
@@ -284,7 +284,8 @@ class JobRecord:
 class Progress:
     """What the core knows of an unfinished job right now (`GET /jobs/{id}`, its event stream).
 
-    `step` is where its denoising stood when its last slice ended. `queue_position` counts the jobs
+    `step` is where its denoising stands, as its replica last reported it (or where its last call
+    yielded); it may be a few hundred milliseconds old. `queue_position` counts the jobs
     that go before it, while it waits (held included); it may be `queue_position_ttl_s` old.
     """
 
