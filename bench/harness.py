@@ -159,6 +159,18 @@ class JobTiming:
     def inference_s(self) -> float:
         return float(self.job["metadata"]["inference_s"])
 
+    def parts_ms(self) -> dict[str, float]:
+        """Where this job's end-to-end time went: waiting for a slot, in the pipeline, around it
+        (upload, start and completion writes), and outside the record (HTTP, the API, the answer)."""
+        run_s = seconds_between(self.job["started_at"], self.job["finished_at"])
+        return {
+            "end_to_end": round(1000 * self.end_to_end_s, 1),
+            "queue_wait": round(1000 * self.queue_wait_s, 1),
+            "inference": round(1000 * self.inference_s, 1),
+            "around_inference": round(1000 * (run_s - self.inference_s), 1),
+            "outside_record": round(1000 * (self.end_to_end_s - self.recorded_s), 1),
+        }
+
 
 def timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text)

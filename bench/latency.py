@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -128,9 +129,12 @@ def report(
     }
 
 
-def _latencies(timings: list[JobTiming]) -> dict[str, dict[str, float | int | None]]:
-    done = [timing for timing in timings if timing.status == "completed"]
+def _latencies(timings: list[JobTiming]) -> dict[str, Any]:
+    done = sorted((timing for timing in timings if timing.status == "completed"), key=lambda timing: timing.end_to_end_s)
     return {
         "end_to_end_ms": summary_ms([timing.end_to_end_s for timing in done]),
         "queue_wait_ms": summary_ms([timing.queue_wait_s for timing in done]),
+        "inference_ms": summary_ms([timing.inference_s for timing in done]),
+        # The job at the end-to-end p95 (nearest rank), part by part: what makes the tail.
+        "p95_job_ms": done[max(0, math.ceil(0.95 * len(done)) - 1)].parts_ms() if done else None,
     }

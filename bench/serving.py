@@ -136,23 +136,25 @@ def run(head: BenchHead, plan: Plan, model: str) -> Report:
         progress(f"deploying {stage.name}: {stage.settings}")
         with head.deployed(stage.name, {**common_settings(plan), **stage.settings}) as deployment:
             report.deployments[stage.name] = {**deployment.describe(), "stage_settings": stage.settings}
-            measure(stage, deployment, plan, report)
-        if stage.batch_size:  # the bare pipeline runs alone: no SEIDRA deployed
-            progress(f"bare pipeline at batch size {stage.batch_size}")
-            bare = batching.bare(model, plan.batching, stage.batch_size, plan.torch_threads)
-            report.batching[str(stage.batch_size)]["bare"] = bare
+            measure(stage, deployment, plan, report, model)
     return report
 
 
-def measure(stage: Stage, deployment: Deployment, plan: Plan, report: Report) -> None:
+def measure(stage: Stage, deployment: Deployment, plan: Plan, report: Report, model: str) -> None:
     """This stage's measurements, latency first: it needs an idle cluster; the router's last: it leaves 100,000 jobs."""
     if stage.latency:
         progress(f"{stage.name}: realtime latency, idle and saturated")
         report.latency[stage.name] = asyncio.run(latency.measure(deployment.url, plan.latency))
     if stage.batch_size:
-        progress(f"{stage.name}: images/s at batch size {stage.batch_size}")
-        seidra = asyncio.run(batching.measure(deployment.url, plan.batching, stage.batch_size))
-        report.batching[str(stage.batch_size)] = {"deployment": stage.name, "seidra": seidra}
+        size = stage.batch_size
+        progress(f"{stage.name}: images/s at batch size {size}, {plan.batching.rounds} rounds beside the bare pipeline")
+        result = batching.measure_rounds(
+            plan.batching,
+            size,
+            lambda round_: asyncio.run(batching.measure(deployment.url, plan.batching, size, round_)),
+            lambda: batching.bare(model, plan.batching, size, plan.torch_threads),
+        )
+        report.batching[str(size)] = {"deployment": stage.name, **result}
     if stage.router:
         progress(f"{stage.name}: router overhead at {plan.router.low_waiting:,} and {plan.router.high_waiting:,} waiting")
         report.router = {
@@ -249,11 +251,27 @@ def figures(report: Report) -> dict[str, Any]:
         shown[f"{name}: realtime queue wait p50 / p95 ms, saturated"] = (
             f"{loaded['queue_wait_ms']['p50']} / {loaded['queue_wait_ms']['p95']}"
         )
+        for level in ("idle", "loaded"):
+            parts = result[level].get("p95_job_ms")
+            if parts:
+                shown[f"{name}: realtime p95 job, {level}: ms waiting / in pipeline / around it / outside the record"] = (
+                    f"{parts['queue_wait']} / {parts['inference']} / {parts['around_inference']} / {parts['outside_record']}"
+                )
         shown[f"{name}: batch images/s under realtime load"] = result["batch_images_per_s"]
     for size, entry in sorted(report.batching.items(), key=lambda item: int(item[0])):
-        shown[f"images/s at batch size {size}: SEIDRA / bare pipeline"] = (
-            f"{entry['seidra']['images_per_s']} / {entry.get('bare', {}).get('images_per_s')}"
+        seidra, bare = entry["seidra"], entry.get("bare", {})
+        shown[f"images/s at batch size {size}: SEIDRA / bare pipeline"] = f"{seidra['images_per_s']} / {bare.get('images_per_s')}"
+        shown[f"batch size {size}: SEIDRA / bare per round"] = ", ".join(
+            str(round_["seidra_over_bare"]) for round_ in entry.get("rounds", [])
         )
+        parts = seidra.get("breakdown")
+        if parts:
+            shown[f"batch size {size}: SEIDRA's s in pipeline / around it in calls / between calls"] = (
+                f"{parts['pipeline_s']} / {parts['in_call_s']} / {parts['between_calls_s']}"
+            )
+            shown[f"batch size {size}: pipeline images/s, in SEIDRA's replica / bare"] = (
+                f"{seidra['pipeline_images_per_s']} / {bare.get('images_per_s')}"
+            )
     if report.router is not None:
         for level, figures_at in report.router["levels"].items():
             at = f"at {int(level):,} waiting"
@@ -295,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", type=float, default=lat.interval_s, help="Seconds between realtime arrivals under load.")
     parser.add_argument("--batch-depth", type=int, default=lat.batch_depth, help="Batch jobs kept waiting under load.")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--batching-images", type=int, default=bat.images, help="Images per batch size.")
+    parser.add_argument("--batching-images", type=int, default=bat.images, help="Images per round and batch size.")
+    parser.add_argument("--batching-rounds", type=int, default=bat.rounds, help="Rounds of bare pipeline, then SEIDRA.")
     parser.add_argument("--low-waiting", type=int, default=rou.low_waiting)
     parser.add_argument("--high-waiting", type=int, default=rou.high_waiting)
     parser.add_argument("--chunk", type=int, default=rou.chunk, help="Jobs per /generation/batch (default 500).")
@@ -310,7 +329,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         latency=LatencyPlan(
             args.size, args.realtime_steps, args.batch_steps, args.idle_jobs, args.loaded_jobs, args.interval, args.batch_depth
         ),
-        batching=BatchingPlan(args.size, args.realtime_steps, args.batching_images),
+        batching=BatchingPlan(args.size, args.realtime_steps, args.batching_images, args.batching_rounds),
         router=RouterPlan(args.size, args.realtime_steps, args.low_waiting, args.high_waiting, args.chunk, args.probes),
         slice_steps=args.slice_steps,
         batch_sizes=tuple(args.batch_sizes),

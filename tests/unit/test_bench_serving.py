@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 
 from bench import core_scale
-from bench.harness import Client, images_per_s, ratio, split_settings, steady_images_per_s, summary_ms
+from bench.batching import BatchingPlan, breakdown, measure_rounds
+from bench.harness import Client, JobTiming, images_per_s, ratio, split_settings, steady_images_per_s, summary_ms
 from bench.record import Target, section
 from bench.serving import Plan, Report, common_settings, figures, release_slice_steps, stages, targets
 from scheduling.settings import RouterSettings
@@ -44,6 +45,68 @@ def test_steady_throughput_counts_intervals_between_completions() -> None:
     finished = ["2026-12-01T10:00:03Z", "2026-12-01T10:00:01Z", "2026-12-01T10:00:05Z"]
     assert steady_images_per_s(finished) == 0.5  # 2 intervals in 4 s, whatever the order
     assert steady_images_per_s(finished[:1]) is None
+
+
+def call_job(replica: str, started: str, finished: str, inference_s: float, status: str = "completed") -> dict[str, Any]:
+    return {**job(status, started, finished), "metadata": {"replica_id": replica, "inference_s": inference_s}}
+
+
+def test_a_round_is_broken_down_into_pipeline_time_time_around_it_and_time_between_calls() -> None:
+    jobs = [
+        # One call of two jobs (their spans overlap): 0.8 s in the pipeline, 1.0 s from start to last finish.
+        call_job("r", "00.000", "00.950", 0.8),
+        call_job("r", "00.010", "01.000", 0.8),
+        # The next call starts 0.2 s later: the replica had no call meanwhile.
+        call_job("r", "01.200", "02.000", 0.7),
+        call_job("r", "02.000", "09.000", 5.0, status="failed"),  # not an image: not counted
+    ]
+    assert breakdown(jobs) == {
+        "span_s": 2.0, "calls": 2, "pipeline_s": 1.5, "in_call_s": 0.3, "between_calls_s": 0.2, "pipeline_images_per_s": 2.0,
+    }  # fmt: skip
+    # Two replicas run calls at the same time: time between calls is no longer one replica's idle time.
+    two = breakdown([call_job("a", "00.000", "01.000", 0.9), call_job("b", "00.500", "01.500", 0.9)])
+    assert two is not None and two["calls"] == 2 and two["between_calls_s"] is None
+    assert breakdown([call_job("r", "00.000", "01.000", 0.9, status="cancelled")]) is None
+
+
+def test_rounds_alternate_bare_pipeline_and_seidra_and_add_up() -> None:
+    order: list[str] = []
+
+    def bare() -> dict[str, Any]:
+        order.append("bare")
+        return {
+            "batch_size": 2,
+            "device": "cpu",
+            "dtype": "torch.float32",
+            "torch_threads": 1,
+            "images": 4,
+            "elapsed_s": 1.0,
+            "images_per_s": 4.0,
+        }
+
+    def seidra(round_: int) -> dict[str, Any]:
+        order.append(f"seidra {round_}")
+        parts = {"span_s": 2.0 if round_ else 1.0, "calls": 2, "pipeline_s": 0.8, "in_call_s": 0.1, "between_calls_s": 0.1}
+        return {"jobs": {"completed": 4}, "images_per_s": 4 / parts["span_s"], "breakdown": parts}
+
+    result = measure_rounds(BatchingPlan(images=4, rounds=2), 2, seidra, bare)
+    assert order == ["bare", "seidra 0", "bare", "seidra 1"]
+    assert [round_["seidra_over_bare"] for round_ in result["rounds"]] == [1.0, 0.5]
+    assert result["bare"]["images"] == 8 and result["bare"]["images_per_s"] == 4.0
+    seidra_total = result["seidra"]
+    assert seidra_total["jobs"] == {"completed": 8} and seidra_total["images_per_s"] == round(8 / 3.0, 3)
+    assert seidra_total["breakdown"] == {"span_s": 3.0, "calls": 4, "pipeline_s": 1.6, "in_call_s": 0.2, "between_calls_s": 0.2}
+    assert seidra_total["pipeline_images_per_s"] == 5.0
+
+
+def test_a_jobs_end_to_end_time_is_split_into_its_parts() -> None:
+    record = {
+        "created_at": "2026-12-01T10:00:00.000Z", "started_at": "2026-12-01T10:00:00.100Z",
+        "finished_at": "2026-12-01T10:00:00.500Z", "metadata": {"inference_s": 0.35}, "status": "completed",
+    }  # fmt: skip
+    assert JobTiming(record, 0.6).parts_ms() == {
+        "end_to_end": 600.0, "queue_wait": 100.0, "inference": 350.0, "around_inference": 50.0, "outside_record": 100.0,
+    }  # fmt: skip
 
 
 def test_settings_unknown_to_the_release_are_set_apart_not_applied() -> None:
