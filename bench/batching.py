@@ -1,15 +1,16 @@
 """Scenario 3 of issue 11: images/s through SEIDRA at one batch size, and the bare pipeline's.
 
-SEIDRA: `images` compatible jobs (same size, steps and guidance; their own prompts and seeds) go in
-as one `/generation/batch` on an idle cluster deployed with `SEIDRA_MAX_BATCH_SIZE=batch_size`, after
-a warm-up batch; images/s is their count over first `started_at` to last `finished_at`. The bare
-pipeline (`bench.bare_pipeline`) makes as many images in a subprocess, with the same model, sizes,
-steps, batch size and torch threads.
+SEIDRA: `calls x batch_size` compatible jobs (same size, steps and guidance; their own prompts and
+seeds) go in as one `/generation/batch` on an idle cluster deployed with
+`SEIDRA_MAX_BATCH_SIZE=batch_size`, after a warm-up batch; images/s is their count over first
+`started_at` to last `finished_at`. The bare pipeline (`bench.bare_pipeline`) makes as many images in
+a subprocess, with the same model, sizes, steps, batch size and torch threads.
 
 The two alternate, `rounds` times, the bare pipeline while SEIDRA is deployed and idle: on a shared
 machine the CPU's speed drifts by tens of percent within minutes, and a comparison of two runs
-minutes apart measured that drift more than SEIDRA. Each round's prompts are new, so no round
-finds its text embeddings cached on the replica.
+minutes apart measured that drift more than SEIDRA. A round is as many calls at every batch size:
+four calls of 8 (two seconds here) measured the noise of the moment. Each round's prompts are new,
+so no round finds its text embeddings cached on the replica.
 
 Each SEIDRA round is also broken down from its records (`breakdown`), so that a miss says where the
 time went: in the pipeline (its calls' `inference_s`), around it within a call (PNG upload, the
@@ -37,8 +38,11 @@ BARE_TIMEOUT_S = 1800.0
 class BatchingPlan:
     size: int = 64
     steps: int = 30
-    images: int = 32  # per round and batch size; a multiple of the largest batch size
+    calls: int = 24  # pipeline calls per round: images = calls x batch size
     rounds: int = 3
+
+    def images(self, batch_size: int) -> int:
+        return self.calls * batch_size
 
     def item(self, seed: int) -> dict[str, Any]:
         return {
@@ -68,13 +72,14 @@ def measure_rounds(
 
 
 async def measure(url: str, plan: BatchingPlan, batch_size: int, round_: int = 0) -> dict[str, Any]:
-    """One SEIDRA round: a warm-up batch, then `plan.images` jobs with prompts of this round's own."""
-    first_seed = round_ * plan.images
+    """One SEIDRA round: a warm-up batch, then `plan.images(batch_size)` jobs with prompts of this round's own."""
+    images = plan.images(batch_size)
+    first_seed = round_ * images
     async with open_client(url) as http:
         client = Client(http)
         warmup = await client.submit_batch([plan.item(WARMUP_SEED + first_seed + n) for n in range(batch_size)])
         await client.wait_for(warmup, JOBS_DEADLINE_S)
-        job_ids = await client.submit_batch([plan.item(first_seed + n) for n in range(plan.images)])
+        job_ids = await client.submit_batch([plan.item(first_seed + n) for n in range(images)])
         jobs = await client.wait_for(job_ids, JOBS_DEADLINE_S)
     return {
         "plan": asdict(plan),
@@ -165,7 +170,7 @@ def bare(model: str, plan: BatchingPlan, batch_size: int, torch_threads: int) ->
     """The bare pipeline's figures, from a process of its own (its torch threads are its own)."""
     command = [
         sys.executable, "-m", "bench.bare_pipeline", "--model", model, "--batch-size", str(batch_size),
-        "--images", str(plan.images), "--size", str(plan.size), "--steps", str(plan.steps),
+        "--images", str(plan.images(batch_size)), "--size", str(plan.size), "--steps", str(plan.steps),
         "--torch-threads", str(torch_threads),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=BARE_TIMEOUT_S)

@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", type=float, default=lat.interval_s, help="Seconds between realtime arrivals under load.")
     parser.add_argument("--batch-depth", type=int, default=lat.batch_depth, help="Batch jobs kept waiting under load.")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--batching-images", type=int, default=bat.images, help="Images per round and batch size.")
+    parser.add_argument("--batching-calls", type=int, default=bat.calls, help="Pipeline calls per round and batch size.")
     parser.add_argument("--batching-rounds", type=int, default=bat.rounds, help="Rounds of bare pipeline, then SEIDRA.")
     parser.add_argument("--low-waiting", type=int, default=rou.low_waiting)
     parser.add_argument("--high-waiting", type=int, default=rou.high_waiting)
@@ -329,7 +329,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         latency=LatencyPlan(
             args.size, args.realtime_steps, args.batch_steps, args.idle_jobs, args.loaded_jobs, args.interval, args.batch_depth
         ),
-        batching=BatchingPlan(args.size, args.realtime_steps, args.batching_images, args.batching_rounds),
+        batching=BatchingPlan(args.size, args.realtime_steps, args.batching_calls, args.batching_rounds),
         router=RouterPlan(args.size, args.realtime_steps, args.low_waiting, args.high_waiting, args.chunk, args.probes),
         slice_steps=args.slice_steps,
         batch_sizes=tuple(args.batch_sizes),

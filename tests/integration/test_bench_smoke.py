@@ -22,7 +22,7 @@ from tests.seidra_command import NOT_INHERITED
 SMOKE_ARGS = [
     "--size", "32", "--realtime-steps", "4", "--batch-steps", "20", "--slice-steps", "2",
     "--idle-jobs", "3", "--loaded-jobs", "4", "--interval", "0.5", "--batch-depth", "2",
-    "--batch-sizes", "1", "2", "--batching-images", "4", "--batching-rounds", "2",
+    "--batch-sizes", "1", "2", "--batching-calls", "2", "--batching-rounds", "2",
     "--low-waiting", "20", "--high-waiting", "60", "--chunk", "10", "--probes", "3",
 ]  # fmt: skip
 
@@ -70,14 +70,17 @@ def test_batching_every_image_completed_through_seidra_and_the_bare_pipeline(smo
     report, _ = smoke
     assert set(report["batching"]) == {"1", "2"}
     for size, entry in report["batching"].items():
-        assert entry["seidra"]["jobs"] == {"completed": 2 * 4} and entry["seidra"]["images_per_s"] > 0
+        images = 2 * int(size)  # two calls a round
+        assert entry["seidra"]["jobs"] == {"completed": 2 * images} and entry["seidra"]["images_per_s"] > 0
         assert (
-            entry["bare"]["batch_size"] == int(size) and entry["bare"]["images"] == 2 * 4 and entry["bare"]["torch_threads"] == 1
+            entry["bare"]["batch_size"] == int(size)
+            and entry["bare"]["images"] == 2 * images
+            and entry["bare"]["torch_threads"] == 1
         )
-        assert [round_["seidra"]["jobs"] for round_ in entry["rounds"]] == [{"completed": 4}] * 2
+        assert [round_["seidra"]["jobs"] for round_ in entry["rounds"]] == [{"completed": images}] * 2
         parts = entry["seidra"]["breakdown"]
         # Every image was made in a call of at most `size` jobs, and the pipeline's share is part of the span.
-        assert 2 * 4 / int(size) <= parts["calls"] <= 2 * 4
+        assert 2 * 2 <= parts["calls"] <= 2 * images
         assert 0 < parts["pipeline_s"] <= parts["span_s"] and parts["between_calls_s"] >= 0
 
 

@@ -89,7 +89,7 @@ def test_rounds_alternate_bare_pipeline_and_seidra_and_add_up() -> None:
         parts = {"span_s": 2.0 if round_ else 1.0, "calls": 2, "pipeline_s": 0.8, "in_call_s": 0.1, "between_calls_s": 0.1}
         return {"jobs": {"completed": 4}, "images_per_s": 4 / parts["span_s"], "breakdown": parts}
 
-    result = measure_rounds(BatchingPlan(images=4, rounds=2), 2, seidra, bare)
+    result = measure_rounds(BatchingPlan(calls=2, rounds=2), 2, seidra, bare)
     assert order == ["bare", "seidra 0", "bare", "seidra 1"]
     assert [round_["seidra_over_bare"] for round_ in result["rounds"]] == [1.0, 0.5]
     assert result["bare"]["images"] == 8 and result["bare"]["images_per_s"] == 4.0
