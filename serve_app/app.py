@@ -34,8 +34,11 @@ from scheduling.router import RouterUnavailable, get_or_create_router
 from serve_app import events
 from serve_app.auth import Authenticator, AuthMiddleware, admin, caller, owner_scope
 from serve_app.body_limit import BodyLimitMiddleware
+from serve_app.openai_api import OpenAIErrorMiddleware, OpenAIRoutes
+from serve_app.openai_api import router as openai_router
 from serve_app.schemas import (
     LIMITS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
     BatchAccepted,
     BatchRequest,
     FaultRequest,
@@ -58,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "seidra"
 ROUTER_RESTART_RETRY_AFTER_S = 5
-MAX_IDEMPOTENCY_KEY_CHARS = 255
 # Liveness probes carry no key; the route tells nothing.
 PUBLIC_PATHS = frozenset({"/health"})
 Caller = Annotated[Principal, Depends(caller)]
@@ -99,9 +101,12 @@ def _database_unreachable(error: Exception) -> JSONResponse:
 
 
 # Innermost first: the key is checked once the body's size is known to be fine, before it is read;
-# both run inside the request counter, so their 401s and 413s are counted too.
+# OpenAI's routes answer their refusals in OpenAI's shape; all run inside the request counter, so
+# their 401s and 413s are counted too, with the status sent.
 api.add_middleware(AuthMiddleware, public_paths=PUBLIC_PATHS, outages=DATABASE_OUTAGES, on_outage=_database_unreachable)
 api.add_middleware(BodyLimitMiddleware, max_body_bytes=LIMITS.max_body_bytes)
+api.add_middleware(OpenAIErrorMiddleware)
+api.include_router(openai_router)
 
 
 @api.middleware("http")
@@ -212,7 +217,7 @@ def _quota_limits(principal: Principal) -> KeyLimits | None:
 # share one replica without blocking /health.
 @serve.deployment(name="SeidraAPI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
-class SeidraAPI:
+class SeidraAPI(OpenAIRoutes):
     def __init__(self, worker: DeploymentHandle, settings: AppSettings) -> None:
         tracing.configure("api")
         self._settings = settings
@@ -288,26 +293,13 @@ class SeidraAPI:
     ) -> JobView:
         """Queue one image (realtime lane by default). The same `Idempotency-Key` with the same body
         returns the job it created the first time (200); with another body, 422."""
-        claim = _claim(idempotency_key, "/generation/single", request, None, principal)
-        submission: Submission = await _router_call(
-            self._router.submit.remote(
-                [request.to_job_fields()],
-                trace_context=tracing.carrier(),
-                idempotency=claim,
-                owner=principal.user,
-                limits=_quota_limits(principal),
-            )
-        )
+        submission = await self._submit(principal, request, [request.to_job_fields()], "/generation/single", idempotency_key)
         [job] = submission.jobs
-        trace.get_current_span().set_attribute(tracing.JOB_ID, str(job.id))
         if not submission.created:
             response.status_code = 200
         if not wait:
             return self._view(job, principal)
-        try:
-            final = await self._router.wait.remote(str(job.id), LIMITS.wait_timeout_s)
-        except RayActorError:
-            final = None  # the job is stored and queued; only the wait was lost with the router
+        final = await self._wait(job.id, LIMITS.wait_timeout_s)
         if final is not None and JobStatus(final).is_terminal:
             response.status_code = 200
         return self._view(await self._get(job.id, principal), principal)
@@ -327,22 +319,50 @@ class SeidraAPI:
     ) -> BatchAccepted:
         """Queue several images (batch lane by default), all or none; `Idempotency-Key` as for one image."""
         batch_id = uuid.uuid4()
-        trace.get_current_span().set_attribute("seidra.batch_id", str(batch_id))
-        claim = _claim(idempotency_key, "/generation/batch", request, batch_id, principal)
+        submission = await self._submit(
+            principal, request, request.to_job_fields(), "/generation/batch", idempotency_key, batch_id
+        )
+        if not submission.created:
+            response.status_code = 200
+        views = [self._view(job, principal) for job in submission.jobs]
+        return BatchAccepted(batch_id=submission.batch_id or batch_id, job_ids=[view.id for view in views], jobs=views)
+
+    async def _submit(
+        self,
+        principal: Principal,
+        request: BaseModel,
+        jobs: list[dict[str, Any]],
+        path: str,
+        idempotency_key: str | None,
+        batch_id: uuid.UUID | None = None,
+    ) -> Submission:
+        """Store and queue the caller's jobs (`request`'s, as the router stores them), all or none, under
+        their quota; with `batch_id`, as one batch. An `Idempotency-Key` is claimed for `path`."""
+        span = trace.get_current_span()
+        if batch_id is not None:
+            span.set_attribute("seidra.batch_id", str(batch_id))
+        claim = _claim(idempotency_key, path, request, batch_id, principal)
         submission: Submission = await _router_call(
             self._router.submit.remote(
-                request.to_job_fields(),
-                str(batch_id),
+                jobs,
+                str(batch_id) if batch_id is not None else None,
                 trace_context=tracing.carrier(),
                 idempotency=claim,
                 owner=principal.user,
                 limits=_quota_limits(principal),
             )
         )
-        if not submission.created:
-            response.status_code = 200
-        views = [self._view(job, principal) for job in submission.jobs]
-        return BatchAccepted(batch_id=submission.batch_id or batch_id, job_ids=[view.id for view in views], jobs=views)
+        if batch_id is None:
+            span.set_attribute(tracing.JOB_ID, str(submission.jobs[0].id))
+        return submission
+
+    async def _wait(self, job_id: uuid.UUID, timeout_s: float) -> str | None:
+        """The job's status once it ended or `timeout_s` passed; None when the router went away meanwhile."""
+        try:
+            status: str = await self._router.wait.remote(str(job_id), timeout_s)
+        except RayActorError:
+            return None  # the job is stored and queued; only the wait was lost with the router
+        return status
 
     @api.get("/jobs/{job_id}", response_model=JobView, responses=_errors(*READ_ERRORS, 404))
     async def get_job(self, job_id: uuid.UUID, principal: Caller) -> JobView:

@@ -25,6 +25,8 @@ from serve_app.settings import ApiSettings
 
 LIMITS = ApiSettings()
 MAX_SEED = 2**63 - 1
+# An `Idempotency-Key` header's longest value: the width of the column that keeps it.
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 # Strict: pydantic's lax mode would take `false` as 0 and `"64"` as 64.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 PRIORITY_HELP = (

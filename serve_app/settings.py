@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -68,6 +69,12 @@ class AppSettings:
         parts = [settings_class(**_own(settings_class, args)) for settings_class in SETTINGS_CLASSES]
         storage, worker, router, api = parts
         return cls(storage, worker, router, api)  # type: ignore[arg-type]  # in SETTINGS_CLASSES' order
+
+
+def served_models(worker: WorkerSettings) -> list[str]:
+    """The names a caller may pick a model by (OpenAI's `model`), the default first: today the one
+    `SEIDRA_MODEL`, named by its last path component (`stabilityai/sd-turbo` is `sd-turbo`)."""
+    return [Path(worker.model.rstrip("/")).name or worker.model]
 
 
 def _own(settings_class: type[BaseSettings], args: Mapping[str, Any]) -> dict[str, Any]:
