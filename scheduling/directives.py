@@ -5,7 +5,7 @@ Maintenance and injected faults reach a replica this way within one heartbeat in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -55,6 +55,9 @@ class ReplicaSnapshot:
     gpu: dict[str, Any] | None = None  # the NVML reading, when there is a GPU
     faults_injected: bool = False
     running_jobs: tuple[str, ...] = ()  # calls still running here, a previous router's included
+    # The models this replica holds in memory (least recently used first), each with the LoRA
+    # adapters loaded into it: the router sends a job where its model is already.
+    models: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def can_run(self) -> bool:

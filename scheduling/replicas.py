@@ -29,6 +29,12 @@ class Replica:
     # What the router saw itself (an inference timeout), until the replica's own reports agree.
     degraded_until: float = 0.0
     degraded_reason: str = ""
+    # Models sent here since its last report: it holds them once it runs the call, so the next jobs
+    # of that model go here too before its next report says so.
+    sent_models: set[str] = field(default_factory=set)
+
+    def holds(self) -> set[str]:
+        return set(self.snapshot.models) | self.sent_models
 
     @property
     def running(self) -> set[str]:
@@ -62,6 +68,7 @@ class ReplicaPool:
             return True
         replica.slots, replica.last_seen, replica.snapshot = slots, self._clock(), snapshot
         replica.reported_running = running
+        replica.sent_models.clear()
         return False
 
     def note_snapshot(self, replica_id: str, snapshot: ReplicaSnapshot) -> None:
@@ -112,9 +119,9 @@ class ReplicaPool:
         usable = [r for r in self._replicas.values() if r.free_slots() > 0 and self.unavailable_reason(r) is None]
         return SlotPlan(usable, self._replicas.values())
 
-    def assign(self, call_id: int, job_ids: Collection[str]) -> str | None:
-        """Reserve a slot for call `call_id` of `job_ids` on the usable replica with the most free slots."""
-        return self.plan().assign(call_id, job_ids)
+    def assign(self, call_id: int, job_ids: Collection[str], model: str | None = None) -> str | None:
+        """Reserve a slot for call `call_id` of `job_ids` on a usable replica (see `SlotPlan.assign`)."""
+        return self.plan().assign(call_id, job_ids, model)
 
     def is_draining(self, replica_id: str | None) -> bool:
         """In maintenance but otherwise fine: it finishes the jobs it started."""
@@ -231,27 +238,61 @@ class SlotPlan:
 
     Time stands still within a round, so each replica's usability is judged once, not once per job
     dispatched: with a thousand replicas, that is the difference between a round costing a
-    thousand checks and a million.
+    thousand checks and a million. One heap orders every usable replica, and one per model orders
+    those that hold it; a heap's entry is checked against the replica's free slots when it comes
+    up, so taking a slot updates one heap, not all of them.
     """
 
     def __init__(self, usable: list[Replica], everyone: Iterable[Replica]) -> None:
-        self._heap = [_Choice(replica.free_slots(), replica.replica_id, replica) for replica in usable]
-        heapq.heapify(self._heap)
-        self.free_slots = sum(choice.free_slots for choice in self._heap)
+        self._free = {replica.replica_id: replica.free_slots() for replica in usable}
+        self._anywhere = [_Choice(self._free[replica.replica_id], replica.replica_id, replica) for replica in usable]
+        heapq.heapify(self._anywhere)
+        self._holding: dict[str, list[_Choice]] = {}
+        for choice in self._anywhere:
+            for model in choice.replica.holds():
+                self._holding.setdefault(model, []).append(choice)
+        for heap in self._holding.values():
+            heapq.heapify(heap)
+        self.free_slots = sum(self._free.values())
         # Jobs a replica reports running on a call this router did not send (a previous router's).
         self._elsewhere = {job for replica in everyone for job in replica.reported_running - replica.running}
 
-    def assign(self, call_id: int, job_ids: Collection[str]) -> str | None:
-        """Reserve a slot for call `call_id` of `job_ids` on the replica with the most free slots
-        (then the greatest id)."""
-        if not self._heap:
+    def assign(self, call_id: int, job_ids: Collection[str], model: str | None = None) -> str | None:
+        """Reserve a slot for call `call_id` of `job_ids`: on a replica that holds `model` when one
+        has a free slot, else on any; among those, the one with the most free slots (then the
+        greatest id). Which job goes next is the queue's decision, made before: a model only
+        chooses where it goes."""
+        holders = self._holding.get(model, []) if model else []
+        heap, choice = holders, self._pop(holders)
+        if choice is None:
+            heap, choice = self._anywhere, self._pop(self._anywhere)
+        if choice is None:
             return None
-        choice = heapq.heappop(self._heap)
-        choice.replica.calls[call_id] = set(job_ids)
+        replica = choice.replica
+        replica.calls[call_id] = set(job_ids)
+        self._free[replica.replica_id] -= 1
         self.free_slots -= 1
-        if choice.free_slots > 1:
-            heapq.heappush(self._heap, _Choice(choice.free_slots - 1, choice.replica_id, choice.replica))
-        return choice.replica_id
+        if model and model not in replica.holds():
+            replica.sent_models.add(model)
+            self._put(self._holding.setdefault(model, []), replica)
+        self._put(heap, replica)  # the other heaps' entries of it are put right when they come up
+        return replica.replica_id
+
+    def _put(self, heap: list[_Choice], replica: Replica) -> None:
+        if self._free[replica.replica_id] > 0:
+            heapq.heappush(heap, _Choice(self._free[replica.replica_id], replica.replica_id, replica))
+
+    def _pop(self, heap: list[_Choice]) -> _Choice | None:
+        """The heap's best replica with a free slot; entries made stale by slots taken meanwhile are
+        put back with the replica's free slots of now."""
+        while heap:
+            choice = heapq.heappop(heap)
+            free = self._free[choice.replica_id]
+            if free == choice.free_slots and free > 0:
+                return choice
+            if free > 0:
+                heapq.heappush(heap, _Choice(free, choice.replica_id, choice.replica))
+        return None
 
     def runs_elsewhere(self, job_id: str) -> bool:
         return job_id in self._elsewhere

@@ -767,7 +767,7 @@ class Scheduler:
                 continue
             batch = [record, *self._companions(record, plan)]
             call_id = next(self._call_ids)
-            replica_id = plan.assign(call_id, [member.job_id for member in batch])
+            replica_id = plan.assign(call_id, [member.job_id for member in batch], record.params.model)
             assert replica_id is not None  # there was a usable slot
             starts += self._start(batch, replica_id, call_id)
         for queued in still_running:

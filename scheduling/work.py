@@ -5,6 +5,7 @@ Latents are NumPy arrays rather than tensors so that the router can hold them wi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -13,11 +14,25 @@ if TYPE_CHECKING:  # the router holds latents without importing NumPy itself
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter of the replica's adapter folder, and the weight of its layers in the call."""
+
+    name: str
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, value: Lora | Mapping[str, Any]) -> Lora:
+        """From a stored or requested `{"name", "scale"}` (or a Lora already)."""
+        return value if isinstance(value, Lora) else cls(str(value["name"]), float(value.get("scale", 1.0)))
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """What a job asks the pipeline for: the one definition of the generation fields.
 
-    The names are those of a diffusers text-to-image call. The job table, the API's request and
-    response bodies declare the same fields with their own column types and bounds
+    The names are those of a diffusers text-to-image call, then the model (a name of the served
+    models; "" is the default one) and the LoRA adapters applied to it. The job table, the API's
+    request and response bodies declare the same fields with their own column types and bounds
     (tests/unit/test_generation_fields.py keeps them in step).
     """
 
@@ -28,6 +43,8 @@ class GenerationParams:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    model: str = ""
+    loras: tuple[Lora, ...] = ()
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -36,17 +53,22 @@ class GenerationParams:
     @classmethod
     def of(cls, record: Any) -> GenerationParams:
         """The generation fields of anything that has them as attributes (a stored job, a request)."""
-        return cls(**{name: getattr(record, name) for name in cls.names()})
+        values = {name: getattr(record, name) for name in cls.names()}
+        values["model"] = values["model"] or ""
+        values["loras"] = tuple(Lora.of(lora) for lora in values["loras"] or ())
+        return cls(**values)
 
-    def batch_key(self) -> tuple[int, int, int, float]:
+    def batch_key(self) -> tuple[Any, ...]:
         """What jobs denoised together in one pipeline call share: everything but the prompts and the
         seed (and, for the call, the step they stand at)."""
-        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return (self.model, self.loras, self.width, self.height, self.num_inference_steps, self.guidance_scale)
 
     def pipeline_arguments(self) -> dict[str, Any]:
-        """The diffusers call's own arguments; the seed becomes a generator, the steps a schedule."""
+        """The diffusers call's own arguments; the seed becomes a generator, the steps a schedule,
+        the model and adapters the pipeline itself."""
         arguments = asdict(self)
-        del arguments["seed"], arguments["num_inference_steps"]
+        for name in ("seed", "num_inference_steps", "model", "loras"):
+            del arguments[name]
         return arguments
 
 

@@ -25,6 +25,9 @@ from serve_app.settings import ApiSettings
 
 LIMITS = ApiSettings()
 MAX_SEED = 2**63 - 1
+MAX_NAME_CHARS = 128  # a model's or an adapter's name: the width of the job's `model` column
+MAX_LORAS = 8
+MAX_LORA_SCALE = 10.0
 # An `Idempotency-Key` header's longest value: the width of the column that keeps it.
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 # Strict: pydantic's lax mode would take `false` as 0 and `"64"` as 64.
@@ -59,6 +62,13 @@ Priority = Annotated[
 ]
 
 
+class LoraRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="An adapter of SEIDRA_LORA_DIR (GET /v1/models).")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="The weight of its layers.")
+
+
 class GenerationFields(BaseModel):
     model_config = REQUEST_CONFIG
 
@@ -70,6 +80,20 @@ class GenerationFields(BaseModel):
     guidance_scale: float = Field(LIMITS.default_guidance_scale, ge=0, le=LIMITS.max_guidance_scale)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     priority: Priority | None = Field(None, description=f"{PRIORITY_HELP.capitalize()}. {PRIORITY_NUMBER}")
+    model: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME_CHARS, description="One of the served models (GET /v1/models); default: the first."
+    )
+    loras: list[LoraRequest] = Field(
+        default_factory=list, max_length=MAX_LORAS, description="LoRA adapters applied to the model, each once."
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _each_adapter_once(cls, value: list[LoraRequest]) -> list[LoraRequest]:
+        names = [lora.name for lora in value]
+        if len(set(names)) != len(names):
+            raise ValueError("names an adapter twice")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -96,6 +120,7 @@ class GenerationFields(BaseModel):
         """What the router stores; a missing seed is drawn here so every job can be reproduced."""
         fields = self.model_dump()
         fields["priority"] = default_priority if self.priority is None else self.priority
+        fields["model"] = self.model or ""  # "": the default, which the API names at submission
         if fields["seed"] is None:
             fields["seed"] = secrets.randbelow(2**31)
         return fields

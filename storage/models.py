@@ -57,6 +57,12 @@ class GenerationJob(SQLModel, table=True):
     num_inference_steps: int
     guidance_scale: float
     seed: int = Field(sa_type=sa.BigInteger)
+    # A name of the served models ('': the default, as for jobs from before there were several),
+    # and the LoRA adapters applied to it: [{"name", "scale"}].
+    model: str = Field(default="", max_length=128, sa_column_kwargs={"server_default": ""})
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=sa.Column(JSON_DOCUMENT, nullable=False, server_default=sa.text("'[]'"))
+    )
 
     # The attribute cannot be called `metadata` (SQLAlchemy reserves it); the column is.
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column("metadata", JSON_DOCUMENT, nullable=False))

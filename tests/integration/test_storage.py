@@ -135,7 +135,7 @@ def statements(database_url: str) -> Iterator[list[tuple[str, Any, bool]]]:
 def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
     upgrade(database_url)
     upgrade(database_url)  # idempotent: `seidra up` runs it every time
-    assert current_revision(database_url) == "0003"
+    assert current_revision(database_url) == "0004"
     assert schema_differences(database_url) == []
 
 
@@ -165,6 +165,26 @@ def test_migration_0002_downgrades_and_upgrades_again_keeping_the_jobs(database_
     assert schema_differences(database_url) == []
     assert store.count_by_status() == {"pending": 2}
     assert [n.message for n in NotificationService(database_url).list(job_id=job.id)] == ["kept"]
+
+
+def test_migration_0004_gives_earlier_jobs_the_default_model_and_no_adapters(database_url: str) -> None:
+    upgrade(database_url, "0003")
+    job = new_job(model="ignored: the column does not exist yet", loras=[{"name": "ignored", "scale": 1.0}])
+    insert_into_older_schema(database_url, job)
+    upgrade(database_url)
+    assert schema_differences(database_url) == []
+    store = JobStore(database_url)
+    assert (store.get(job.id).model, store.get(job.id).loras) == ("", [])
+
+    [chosen] = store.add_all([new_job(model="second", loras=[{"name": "ink", "scale": 0.5}])])
+    assert (store.get(chosen.id).model, store.get(chosen.id).loras) == ("second", [{"name": "ink", "scale": 0.5}])
+    command.downgrade(alembic_config(database_url), "0003")
+    assert not {"model", "loras"} & {
+        column["name"] for column in sa.inspect(get_engine(database_url)).get_columns("generation_jobs")
+    }
+    upgrade(database_url)
+    assert schema_differences(database_url) == []
+    assert {j.id: (j.model, j.loras) for j in store.list()} == {job.id: ("", []), chosen.id: ("", [])}
 
 
 def test_sqlite_migrations_run_without_foreign_keys_then_restore_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

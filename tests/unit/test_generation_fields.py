@@ -13,7 +13,7 @@ NAMES = set(GenerationParams.names())
 
 
 def test_the_job_table_and_the_api_name_the_same_generation_fields() -> None:
-    assert NAMES == {"prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed"}
+    assert NAMES == {"prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "model", "loras"}
     assert NAMES <= set(GenerationJob.model_fields)
     assert NAMES <= set(JobView.model_fields)
     assert set(GenerationFields.model_fields) == NAMES | {"priority"}  # what a request may say
