@@ -1,19 +1,30 @@
-"""One replica's model and its health: what `get_status_snapshot()` reports to the router.
+"""One replica's models and its health: what `get_status_snapshot()` reports to the router.
 
 `assess` is the policy, a pure function of the replica's facts, so it is unit-tested with a fake
-clock; `ModelManager` gathers the facts (pipeline, NVML, inference outcomes, directives).
+clock; `ModelManager` gathers the facts (pipelines, NVML, inference outcomes, directives).
+
+A replica loads its default model as it starts, and the others when a call asks for them, holding
+up to `models_per_replica`: one more evicts the least recently used first (as Ray Serve's model
+multiplexing does), so that the memory of both is never needed at once. The snapshot says which
+models (and adapters) it holds, so that the router sends a job where its model is already.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from deployments.nvml import GpuLost, GpuReader, GpuReading
 from deployments.settings import WorkerSettings
+from scheduling import metrics
 from scheduling.directives import Health, InjectedFaults, Mode, ReplicaDirectives, ReplicaSnapshot
+
+logger = logging.getLogger(__name__)
 
 HARDWARE_THROTTLES = frozenset({"hw_thermal_slowdown", "hw_power_brake_slowdown"})
 
@@ -69,35 +80,115 @@ def assess(facts: ReplicaFacts, limits: Thresholds) -> tuple[Mode, Health, str]:
     return facts.base_mode, Health.HEALTHY, ""
 
 
+class ModelLoadFailed(RuntimeError):
+    """A model a job asked for did not load here: the job's error, not the GPU's."""
+
+
+class ModelEvents(Protocol):
+    def loaded(self, model: str, seconds: float) -> None: ...
+
+    def evicted(self, model: str) -> None: ...
+
+
+class ModelMetrics:
+    """Model loads, evictions and load times, to Prometheus."""
+
+    def loaded(self, model: str, seconds: float) -> None:
+        metrics.model_loads().inc(tags={"model": model})
+        metrics.model_load_seconds().observe(seconds, tags={"model": model})
+
+    def evicted(self, model: str) -> None:
+        metrics.model_evictions().inc(tags={"model": model})
+
+
 class ModelManager:
     def __init__(
         self,
         settings: WorkerSettings,
         gpu_reader: GpuReader,
-        load_pipeline: Callable[[], Any],
+        load_runner: Callable[[str], Any],
         clock: Callable[[], float] = time.monotonic,
+        events: ModelEvents | None = None,
     ) -> None:
+        """`load_runner(name)` loads served model `name` (slowly); the default one is loaded here."""
         self._settings = settings
         self._gpu_reader = gpu_reader
+        self._load_runner = load_runner
         self._clock = clock
-        self._limits = Thresholds(settings.max_gpu_temperature_c, settings.unhealthy_after_failures, settings.stuck_inference_after_s)
+        self._events = events or ModelMetrics()
+        self._limits = Thresholds(
+            settings.max_gpu_temperature_c, settings.unhealthy_after_failures, settings.stuck_inference_after_s
+        )
         self.directives = ReplicaDirectives()
-        self.runner: Any = None
+        self.default_model = settings.default_model()
+        # Held models, least recently used first. Changed in calls' threads, read by the heartbeat.
+        self._runners: OrderedDict[str, Any] = OrderedDict()
+        self._held = threading.Lock()
+        self._loading = threading.Lock()  # one load at a time: two would need the memory of both
         self._load_error: str | None = None
+        # As the default model loaded at start: the replica's device, and that model's dtype.
+        self.device: str | None = None
+        self._dtype: str | None = None
         self._last_inference_s: float | None = None
         # Distinct jobs that failed in a row: one broken job retried here must not condemn the GPU.
         self._failing_jobs: set[str] = set()
         self._cancelled_call_at: float | None = None
         try:
-            self.runner = load_pipeline()
+            runner = self._load(self.default_model)
         except Exception as error:  # reported as `offline`; Serve replaces the unhealthy replica
             self._load_error = f"{type(error).__name__}: {error}"
+        else:
+            self.device, self._dtype = runner.device, str(runner.dtype).removeprefix("torch.")
+
+    def runner_for(self, model: str, adapters: Collection[str] = ()) -> Any:
+        """The runner of served model `model` ("": the default), loaded first if it is not held here.
+
+        Slow when it loads: call it from the call's thread, never on the event loop. Raises
+        NotServed for a model or adapter the settings do not serve, ModelLoadFailed when the model
+        does not load.
+        """
+        name = self._settings.check_served(model, adapters)
+        with self._loading:
+            with self._held:
+                runner = self._runners.get(name)
+                if runner is not None:
+                    self._runners.move_to_end(name)
+                    return runner
+            try:
+                return self._load(name)
+            except Exception as error:
+                raise ModelLoadFailed(f"model {name!r} did not load: {type(error).__name__}: {error}") from error
+
+    def _load(self, name: str) -> Any:
+        self._evict(keep=self._settings.models_per_replica - 1)
+        started = self._clock()
+        runner = self._load_runner(name)
+        self._events.loaded(name, self._clock() - started)
+        with self._held:
+            self._runners[name] = runner
+        return runner
+
+    def _evict(self, keep: int) -> None:
+        """Let go of the least recently used models until `keep` are left."""
+        while True:
+            with self._held:
+                if len(self._runners) <= keep:
+                    return
+                name, runner = self._runners.popitem(last=False)
+            runner.release()
+            self._events.evicted(name)
+            logger.info("Evicted model %s to make room for another", name)
+
+    def held(self) -> dict[str, tuple[str, ...]]:
+        """The models held here, least recently used first, each with the adapters loaded into it."""
+        with self._held:
+            return {name: tuple(runner.adapters) for name, runner in self._runners.items()}
 
     @property
     def base_mode(self) -> Mode:
         if self._settings.force_mock:
             return Mode.MOCK
-        return Mode.CUDA if self.runner is not None and self.runner.device == "cuda" else Mode.CPU
+        return Mode.CUDA if self.device == "cuda" else Mode.CPU
 
     @property
     def faults(self) -> InjectedFaults | None:
@@ -137,7 +228,7 @@ class ModelManager:
         now = self._clock()
         facts = ReplicaFacts(
             base_mode=self.base_mode,
-            loaded=self.runner is not None,
+            loaded=self._load_error is None,
             load_error=self._load_error,
             gpu=gpu,
             gpu_error=gpu_error,
@@ -151,13 +242,14 @@ class ModelManager:
             mode=mode,
             health=health,
             reason=reason,
-            model=self._settings.model,
-            device=getattr(self.runner, "device", None),
-            dtype=str(getattr(self.runner, "dtype", "")).removeprefix("torch.") or None,
+            model=self.default_model or None,
+            device=self.device,
+            dtype=self._dtype,
             last_inference_s=self._last_inference_s,
             consecutive_failures=len(self._failing_jobs),
             gpu=gpu.as_dict() if gpu else None,
             faults_injected=faults is not None,
+            models=self.held(),
         )
 
 

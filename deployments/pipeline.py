@@ -8,12 +8,18 @@ resumes by calling the pipeline again with the remaining timesteps and the saved
 that schedule's `init_noise_sigma` (the pipeline multiplies them back). Schedulers that cannot
 resume this way never yield.
 
-Prompt embeddings are computed once per prompt (and kept for the prompts seen last), so a job that
-yields and comes back does not pay for its text encoder again.
+Prompt embeddings are computed once per prompt and adapters (and kept for the prompts seen last), so
+a job that yields and comes back does not pay for its text encoder again.
+
+A runner holds one served model. LoRA adapters are loaded into its pipeline the first time a call
+asks for them (`load_lora_weights`, from `lora_dir/<name>`) and stay; each call then activates
+exactly its own (`set_adapters` with its scales), or none, so that no call inherits another's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import logging
 import threading
@@ -21,15 +27,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from deployments.settings import WorkerSettings
+from deployments.settings import NotServed, WorkerSettings
 from scheduling.directives import InferenceTimeout
-from scheduling.work import WorkBatch, WorkItem
+from scheduling.work import Lora, WorkBatch, WorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +65,36 @@ class SliceOutput:
 
 
 class DiffusionRunner:
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.model = settings.require_model().model
+    def __init__(self, settings: WorkerSettings, name: str = "") -> None:
+        """Load the served model `name` of the settings' catalog ("": the default one)."""
+        self.name = name or settings.require_model().default_model()
+        spec = settings.catalog()[self.name]
         # Forced mock mode must not touch CUDA at all, not even to ask whether it is there.
         self.device = "cpu" if settings.force_mock else resolve_device(settings.device)
-        self.dtype = torch.float32 if settings.force_mock else resolve_dtype(settings.dtype, self.device)
+        dtype = settings.dtype if spec.dtype == "auto" else spec.dtype
+        self.dtype = torch.float32 if settings.force_mock else resolve_dtype(dtype, self.device)
         if self.device == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.pipeline = DiffusionPipeline.from_pretrained(settings.model, dtype=self.dtype).to(self.device)
+        self.pipeline = DiffusionPipeline.from_pretrained(spec.path, dtype=self.dtype).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.resumable = self._use_euler_scheduler()
-        # One pipeline holds one scheduler state: calls must not overlap.
+        self._lora_dir = Path(settings.lora_dir)
+        self.adapters: tuple[str, ...] = ()  # loaded into the pipeline, first loaded first
+        # One pipeline holds one scheduler state and one set of active adapters: calls must not overlap.
         self._lock = threading.Lock()
-        self._embeddings: OrderedDict[tuple[str, str, bool], tuple[Any, Any]] = OrderedDict()
+        self._embeddings: OrderedDict[tuple[str, str, bool, tuple[Lora, ...]], tuple[Any, Any]] = OrderedDict()
         self._schedules: dict[tuple[int, int], tuple[list[float], float]] = {}
-        logger.info("Loaded %s on %s (%s), resumable=%s", self.model, self.device, self.dtype, self.resumable)
+        logger.info("Loaded %s (%s) on %s (%s), resumable=%s", self.name, spec.path, self.device, self.dtype, self.resumable)
+
+    def release(self) -> None:
+        """Give the model's memory back (it was evicted); waits for a call still running on it."""
+        with self._lock:
+            del self.pipeline
+            self._embeddings.clear()
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("Released %s", self.name)
 
     def _use_euler_scheduler(self) -> bool:
         scheduler = self.pipeline.scheduler
@@ -92,22 +114,27 @@ class DiffusionRunner:
         control = control or StepControl()
         items, step, total = batch.items, batch.step, batch.total_steps
         if len({item.batch_key() for item in items}) != 1:
-            raise ValueError("the jobs of one call must share size, steps, guidance and step")
+            raise ValueError("the jobs of one call must share size, steps, guidance, step, model and adapters")
         if step and not self.resumable:
-            raise ValueError(f"{self.model} cannot resume a job at step {step}")
-        kwargs = self._call_arguments(items)
-        if step:
-            remaining, init_sigma = self._remaining_schedule(total, step)
-            kwargs["timesteps"] = remaining
-            # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
-            latents = torch.cat([torch.from_numpy(item.latents) for item in items if item.latents is not None])
-            kwargs["latents"] = (latents / init_sigma).to(self.device, self.dtype)
-        else:
-            kwargs["num_inference_steps"] = total
-        control.begin(step, total, batch.slice_steps if self.resumable else None, batch.timeout_s)
-        kwargs["callback_on_step_end"] = control
-        with self._lock, torch.inference_mode():
-            images = self.pipeline(**kwargs).images
+            raise ValueError(f"{self.name} cannot resume a job at step {step}")
+        with self._lock:
+            if control.cancelled.is_set():  # given up on before it began (while its model loaded, say)
+                raise Interrupted(f"call {batch.call_id} was cancelled before it began")
+            # Outside inference mode: peft marks the adapters' weights as it activates them.
+            self._use_adapters(items[0].params.loras)
+            with torch.inference_mode():
+                kwargs = self._call_arguments(items)
+                if step:
+                    remaining, init_sigma = self._remaining_schedule(total, step)
+                    kwargs["timesteps"] = remaining
+                    # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
+                    latents = torch.cat([torch.from_numpy(item.latents) for item in items if item.latents is not None])
+                    kwargs["latents"] = (latents / init_sigma).to(self.device, self.dtype)
+                else:
+                    kwargs["num_inference_steps"] = total
+                control.begin(step, total, batch.slice_steps if self.resumable else None, batch.timeout_s)
+                kwargs["callback_on_step_end"] = control
+                images = self.pipeline(**kwargs).images
         if control.cancelled.is_set():
             raise Interrupted(f"call {batch.call_id} was cancelled at a step boundary")
         if control.timed_out:
@@ -116,6 +143,31 @@ class DiffusionRunner:
             at, latents = control.yielded
             return [SliceOutput(at, total, latents=latents[i : i + 1].numpy()) for i in range(len(items))]
         return [SliceOutput(total, total, png=_png(image)) for image in images]
+
+    def _use_adapters(self, loras: tuple[Lora, ...]) -> None:
+        """Activate exactly `loras` at their scales, loading each the first time; without any, turn
+        LoRA off."""
+        for lora in loras:
+            if lora.name not in self.adapters:
+                self._load_adapter(lora.name)
+        if loras:
+            self.pipeline.set_adapters([lora.name for lora in loras], adapter_weights=[lora.scale for lora in loras])
+            self.pipeline.enable_lora()  # set_adapters leaves LoRA layers that disable_lora turned off, off
+        elif self.adapters:
+            self.pipeline.disable_lora()
+
+    def _load_adapter(self, name: str) -> None:
+        if not hasattr(self.pipeline, "load_lora_weights"):
+            raise NotServed(f"model {self.name!r} ({type(self.pipeline).__name__}) takes no LoRA adapters")
+        started = time.perf_counter()
+        try:
+            self.pipeline.load_lora_weights(str(self._lora_dir / name), adapter_name=name)
+        except Exception as error:  # made for another architecture, say: the job's error, not the GPU's
+            with contextlib.suppress(Exception):  # half loaded, it would refuse the next try
+                self.pipeline.delete_adapters([name])
+            raise NotServed(f"LoRA adapter {name!r} does not load into {self.name!r}: {type(error).__name__}: {error}") from error
+        self.adapters = (*self.adapters, name)
+        logger.info("Loaded LoRA adapter %s into %s in %.1f s", name, self.name, time.perf_counter() - started)
 
     def _call_arguments(self, items: tuple[WorkItem, ...]) -> dict[str, Any]:
         params = items[0].params
@@ -137,17 +189,19 @@ class DiffusionRunner:
                 "negative_prompt": [item.params.negative_prompt or "" for item in items],
             }
         guided = items[0].params.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
-        pairs = [self._embedding(item.params.prompt, item.params.negative_prompt or "", guided) for item in items]
+        loras = items[0].params.loras  # an adapter may change the text encoder too
+        pairs = [self._embedding((item.params.prompt, item.params.negative_prompt or "", guided, loras)) for item in items]
         return {
             "prompt_embeds": torch.cat([positive for positive, _ in pairs]),
             "negative_prompt_embeds": torch.cat([negative for _, negative in pairs]) if guided else None,
         }
 
-    def _embedding(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[Any, Any]:
-        key = (prompt, negative_prompt, guided)
+    def _embedding(self, key: tuple[str, str, bool, tuple[Lora, ...]]) -> tuple[Any, Any]:
+        """The embeddings of (prompt, negative prompt, guided, adapters), with those adapters active."""
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
+        prompt, negative_prompt, guided, _ = key
         with torch.inference_mode():
             pair = self.pipeline.encode_prompt(prompt, self.device, 1, guided, negative_prompt)
         self._embeddings[key] = pair

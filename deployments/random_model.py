@@ -1,7 +1,8 @@
-"""Stable-Diffusion pipelines with random weights, built offline: a tiny one and a full-size SD 1.5 one.
+"""Stable-Diffusion pipelines with random weights, built offline: a tiny one and a full-size SD 1.5 one,
+and LoRA adapters for them.
 
-Both go through the real loading path (`DiffusionPipeline.from_pretrained`) where no hub is reachable.
-Their images are noise. The tiny architecture is for tests and demos; `SD15` has Stable Diffusion
+Both go through the real loading paths (`DiffusionPipeline.from_pretrained`, `load_lora_weights`)
+where no hub is reachable. Their images are noise. The tiny architecture is for tests and demos; `SD15` has Stable Diffusion
 1.5's exact architecture (UNet ≈ 859.5 M, VAE ≈ 83.7 M, CLIP ViT-L/14 text encoder ≈ 123.1 M
 parameters), so a GPU does the same work per step as with the real weights: realistic benchmarks
 without downloading anything.
@@ -241,4 +242,31 @@ def make_random_model(folder: str | Path, architecture: Architecture, seed: int 
         "note": "random weights; images are noise",
     }
     (target / architecture.marker_name()).write_text(json.dumps(marker))
+    return target
+
+
+# The attention projections, where LoRA adapters for Stable Diffusion usually act.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def make_random_lora(folder: str | Path, architecture: Architecture, seed: int = 0, rank: int = 4) -> Path:
+    """Write a random LoRA adapter for `architecture`'s UNet and text encoder to `folder` with
+    diffusers' `save_lora_weights`; returns the folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    target = Path(folder).expanduser().resolve()
+    unet = build_unet(architecture)
+    text_encoder = build_text_encoder(architecture, build_tokenizer(architecture.vocab_size))
+    torch.manual_seed(seed)  # after the networks: only the adapter's weights are saved
+    layers = {}
+    for name, network, targets in (("unet", unet, UNET_LORA_TARGETS), ("text_encoder", text_encoder, TEXT_ENCODER_LORA_TARGETS)):
+        # Random up-projections, not the usual zeros: an adapter that changes nothing would prove nothing.
+        network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(targets)))
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+    StableDiffusionPipeline.save_lora_weights(target, **layers, safe_serialization=True)
     return target

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class ModelSpec(BaseModel):
+    """One served model: a diffusers folder or hub id, and its dtype (auto: the replica's `dtype`)."""
+
+    model_config = {"frozen": True, "extra": "forbid", "protected_namespaces": ()}
+
+    path: str = Field(min_length=1)
+    dtype: Dtype = "auto"
 
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEIDRA_", extra="ignore", protected_namespaces=())
 
     model: str = Field("", description="diffusers model: a local folder or a hub id (e.g. stabilityai/sd-turbo).")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    models: dict[str, ModelSpec | str] = Field(
+        default_factory=dict,
+        description='Several named models, the first the default (JSON: {"name": "folder or hub id"} or '
+        '{"name": {"path": ..., "dtype": ...}}); replaces model.',
     )
+    models_per_replica: int = Field(
+        1, ge=1, description="Models a replica holds at once; loading one more evicts the least recently used."
+    )
+    lora_dir: str = Field(
+        "", description="Folder of LoRA adapters, one sub-folder per adapter name (diffusers save_lora_weights)."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    dtype: Dtype = Field("auto", description="auto: float16 on CUDA, float32 on CPU.")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved by each worker replica (1 on GPU clusters).")
     worker_num_cpus: float = Field(1, ge=0, description="CPUs reserved by each worker replica.")
     num_workers: int = Field(1, ge=0, description="Worker replicas; with max_workers, the fewest.")
@@ -41,10 +63,45 @@ class WorkerSettings(BaseSettings):
         False, description="Drills and tests only: let the admin fault endpoint change what replicas report."
     )
 
-    def require_model(self) -> "WorkerSettings":
+    def catalog(self) -> dict[str, ModelSpec]:
+        """The served models by name, the default first. With `model` alone, its name is its last
+        path component (`stabilityai/sd-turbo` is `sd-turbo`)."""
+        if self.models:
+            return {name: ModelSpec(path=spec) if isinstance(spec, str) else spec for name, spec in self.models.items()}
         if not self.model:
+            return {}
+        return {Path(self.model.rstrip("/")).name or self.model: ModelSpec(path=self.model, dtype=self.dtype)}
+
+    def default_model(self) -> str:
+        return next(iter(self.catalog()), "")
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters a job may ask for: the sub-folders of `lora_dir`."""
+        folder = Path(self.lora_dir) if self.lora_dir else None
+        if folder is None or not folder.is_dir():
+            return []
+        return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+    def check_served(self, model: str, adapters: Collection[str] = ()) -> str:
+        """The catalog name of `model` ("": the default one); NotServed naming an unknown model or adapter."""
+        catalog = self.catalog()
+        name = model or self.default_model()
+        if name not in catalog:
+            raise NotServed(f"unknown model {name!r}; served: {', '.join(catalog)}")
+        served = self.adapters() if adapters else []
+        unknown = sorted(set(adapters).difference(served))
+        if unknown:
+            raise NotServed(f"unknown LoRA adapter {', '.join(map(repr, unknown))}; served: {', '.join(served) or 'none'}")
+        return name
+
+    def require_model(self) -> WorkerSettings:
+        if not self.catalog():
             raise ValueError(
-                "SEIDRA_MODEL is not set: export SEIDRA_MODEL=<diffusers model folder or hub id> "
+                "SEIDRA_MODEL is not set: export SEIDRA_MODEL=<diffusers model folder or hub id> (or SEIDRA_MODELS) "
                 "(for a quick try: seidra make-tiny-model DIR, then SEIDRA_MODEL=DIR)"
             )
         return self
+
+
+class NotServed(LookupError):
+    """A job asks for a model or LoRA adapter this deployment does not serve: its own error, not the GPU's."""

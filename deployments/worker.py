@@ -1,4 +1,4 @@
-"""The GPU worker: a Serve deployment whose replicas each hold one diffusers pipeline.
+"""The GPU worker: a Serve deployment whose replicas each hold diffusers pipelines (see ModelManager).
 
 The job router reserves a slot on a replica before it sends work there (`AssignedReplicaRouter`),
 and each replica reports its status snapshot every `heartbeat_interval_s`; the answer carries the
@@ -20,9 +20,9 @@ from opentelemetry.trace import Span
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.model_manager import ModelManager
+from deployments.model_manager import ModelLoadFailed, ModelManager
 from deployments.nvml import NoGpu, open_gpu_reader
-from deployments.settings import WorkerSettings
+from deployments.settings import NotServed, WorkerSettings
 from scheduling import metrics, tracing
 from scheduling.assigned_replica import AssignedReplicaRouter
 from scheduling.directives import Health, ReplicaSnapshot, ReplicaUnavailable, StorageUnavailable
@@ -41,6 +41,9 @@ UPLOAD_BACKOFF = Backoff(base_s=0.5, cap_s=8.0, jitter=0.2)
 # Progress goes to the router at most this often per call: enough for a progress bar, and the
 # router's proof that the call still reaches step boundaries.
 PROGRESS_INTERVAL_S = 0.25
+# While a call waits for its model to load (seconds to minutes), it tells the router this often
+# that it lives, as it would between slices: the router gives up on calls it does not hear from.
+LOAD_REPORT_INTERVAL_S = 5.0
 
 
 @serve.deployment(
@@ -58,7 +61,7 @@ class DiffusionWorker:
         tracing.configure_logging()
         self._settings = settings
         gpu_reader = NoGpu() if self._settings.force_mock else open_gpu_reader()
-        self.model_manager = ModelManager(self._settings, gpu_reader, lambda: DiffusionRunner(self._settings))
+        self.model_manager = ModelManager(self._settings, gpu_reader, lambda name: DiffusionRunner(self._settings, name))
         self._storage = storage
         self._store: ObjectStore | None = None  # opened on first upload: S3 may be down as the replica starts
         context = serve.get_replica_context()
@@ -96,7 +99,10 @@ class DiffusionWorker:
 
     async def _advance(self, batch: WorkBatch, spans: dict[str, Span]) -> list[WorkResult]:
         stored = await self._already_stored(batch)
-        results = [WorkResult(item.job_id, self._replica_id, batch.total_steps, 0.0, object_key=image_key(item.job_id)) for item in stored]
+        results = [
+            WorkResult(item.job_id, self._replica_id, batch.total_steps, 0.0, object_key=image_key(item.job_id))
+            for item in stored
+        ]
         batch = replace(batch, items=tuple(item for item in batch.items if item not in stored))
         if batch.items:
             results += await self._denoise(batch, spans)
@@ -113,24 +119,26 @@ class DiffusionWorker:
         from deployments.pipeline import StepControl
 
         faults = self.model_manager.faults
-        started = time.perf_counter()
-        control = StepControl(step_delay_s=faults.inference_delay_s if faults else 0.0, on_step=self._progress_reporter(batch.call_id))
+        control = StepControl(
+            step_delay_s=faults.inference_delay_s if faults else 0.0, on_step=self._progress_reporter(batch.call_id)
+        )
         self._controls[batch.call_id] = control
         try:
             if faults and faults.fail_inference:
                 raise RuntimeError("injected inference failure")
-            outputs = await asyncio.shield(self._start_inference(batch, control))
+            outputs, duration_s = await asyncio.shield(self._start_inference(batch, control))
         except asyncio.CancelledError:
             # The router gave up on this call (a timeout, a cancelled job): stop at the next step boundary.
             control.cancelled.set()
             self.model_manager.record_cancelled()
             raise
+        except (NotServed, ModelLoadFailed):
+            raise  # about the model or adapters the jobs asked for, not this GPU
         except Exception:
             self.model_manager.record_failure(",".join(batch.job_ids))
             raise
         finally:
             self._controls.pop(batch.call_id, None)
-        duration_s = time.perf_counter() - started
         self.model_manager.record_success(duration_s)
         if outputs[0].step > batch.step:
             step_s = duration_s / (outputs[0].step - batch.step)
@@ -178,11 +186,12 @@ class DiffusionWorker:
         except Exception:  # the router is restarting: the next report may get through
             logger.debug("Could not report progress of call %d", call_id, exc_info=True)
 
-    def _start_inference(self, batch: WorkBatch, control: Any) -> asyncio.Future[Any]:
-        """The pipeline call in a thread; its jobs count as running here until the thread ends, even
-        after the router gave up on it, so that nobody sends this replica more work meanwhile."""
+    def _start_inference(self, batch: WorkBatch, control: Any) -> asyncio.Future[tuple[list[Any], float]]:
+        """The model's load if needed, then the pipeline call, in threads; its jobs count as running
+        here until they end, even after the router gave up on the call, so that nobody sends this
+        replica more work meanwhile."""
         self._running_jobs.update(batch.job_ids)
-        work = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner.advance, batch, control))
+        work = asyncio.ensure_future(self._infer(batch, control))
 
         def ended(finished: asyncio.Future[Any]) -> None:
             self._running_jobs.difference_update(batch.job_ids)
@@ -192,6 +201,22 @@ class DiffusionWorker:
 
         work.add_done_callback(ended)
         return work
+
+    async def _infer(self, batch: WorkBatch, control: Any) -> tuple[list[Any], float]:
+        """The call's outputs, and how long its pipeline ran (its model's load not included)."""
+        runner = await self._runner(batch)
+        started = time.perf_counter()
+        outputs = await asyncio.to_thread(runner.advance, batch, control)
+        return outputs, time.perf_counter() - started
+
+    async def _runner(self, batch: WorkBatch) -> Any:
+        """The runner of the batch's model, with its adapters known (ModelManager.runner_for)."""
+        params = batch.items[0].params  # the jobs of a call share model and adapters
+        adapters = [lora.name for lora in params.loras]
+        load = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner_for, params.model, adapters))
+        while not (await asyncio.wait({load}, timeout=LOAD_REPORT_INTERVAL_S))[0]:
+            self._send_progress(batch.call_id, batch.step)
+        return load.result()
 
     async def _store_image(self, job_id: str, png: bytes) -> str:
         """Put the image, retrying with backoff for `upload_timeout_s`; then StorageUnavailable."""
@@ -221,7 +246,9 @@ class DiffusionWorker:
                     if time.monotonic() + delay_s > deadline:
                         tracing.mark_failed(span, f"{type(error).__name__}: {error}")
                         raise StorageUnavailable(job_id, f"{type(error).__name__}: {error}") from error
-                    logger.warning("Storing %s failed (%s: %s); retry %d in %d s", key, type(error).__name__, error, attempt, delay_s)
+                    logger.warning(
+                        "Storing %s failed (%s: %s); retry %d in %d s", key, type(error).__name__, error, attempt, delay_s
+                    )
                     await asyncio.sleep(delay_s)
 
     async def _withdraw(self, put: asyncio.Future[None], key: str) -> None:

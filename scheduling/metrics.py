@@ -13,6 +13,8 @@ from ray.util.metrics import Counter, Gauge, Histogram
 # Diffusion jobs take seconds to minutes; steps take milliseconds to seconds.
 JOB_SECONDS_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800]
 STEP_SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+# Loading a model takes under a second (a tiny one, a warm page cache) to minutes (a hub download).
+LOAD_SECONDS_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 
 JOB_EVENTS = ("submitted", "started", "completed", "failed", "cancelled", "delayed")
 
@@ -66,6 +68,30 @@ def worker_metrics() -> dict[str, Gauge | Histogram]:
         "utilization": Gauge("seidra_gpu_utilization_percent", description="GPU utilization (NVML).", tag_keys=("replica",)),
         "memory": Gauge("seidra_gpu_memory_used_bytes", description="GPU memory used (NVML).", tag_keys=("replica",)),
     }  # fmt: skip
+
+
+@cache
+def model_loads() -> Counter:
+    return Counter("seidra_model_loads", description="Models loaded by worker replicas, by model.", tag_keys=("model",))
+
+
+@cache
+def model_evictions() -> Counter:
+    return Counter(
+        "seidra_model_evictions",
+        description="Models a worker replica let go to make room for another, by model.",
+        tag_keys=("model",),
+    )
+
+
+@cache
+def model_load_seconds() -> Histogram:
+    return Histogram(
+        "seidra_model_load_seconds",
+        description="Time for a worker replica to load a model, by model.",
+        boundaries=LOAD_SECONDS_BUCKETS,
+        tag_keys=("model",),
+    )
 
 
 @cache

@@ -76,7 +76,9 @@ def test_a_call_asked_to_yield_stops_at_a_slice_boundary_and_resumes_exactly(run
     jobs = (WorkItem("a", seeded(1)), WorkItem("b", seeded(2)))
     first = runner.advance(call(*jobs, slice_steps=4), yielding())
     assert [(output.step, output.png) for output in first] == [(4, None)] * 2
-    resumed = tuple(WorkItem(job.job_id, job.params, step=4, latents=output.latents) for job, output in zip(jobs, first, strict=True))
+    resumed = tuple(
+        WorkItem(job.job_id, job.params, step=4, latents=output.latents) for job, output in zip(jobs, first, strict=True)
+    )
     second = runner.advance(call(*resumed, slice_steps=4), yielding())
     assert [output.step for output in second] == [8, 8]
     # The second job moves on alone (to another replica, say); the first ends where it is.
@@ -115,11 +117,11 @@ def test_forced_mock_mode_runs_on_the_cpu_without_touching_cuda_or_nvml(tiny_mod
     from deployments.settings import WorkerSettings
 
     settings = WorkerSettings(model=str(tiny_model), device="cuda", dtype="float16", force_mock=True, torch_threads=1)
-    manager = ModelManager(settings, NoGpu(), lambda: DiffusionRunner(settings))
+    manager = ModelManager(settings, NoGpu(), lambda name: DiffusionRunner(settings, name))
     snapshot = manager.get_status_snapshot()
     assert (snapshot.mode, snapshot.health, snapshot.device, snapshot.dtype) == ("mock", "healthy", "cpu", "float32")
     assert not torch.cuda.is_initialized()
-    [output] = manager.runner.advance(call(WorkItem("job", PARAMS)))
+    [output] = manager.runner_for("").advance(call(WorkItem("job", PARAMS)))
     assert png_pixels(output.png).shape == (64, 96, 3)
 
 
@@ -146,7 +148,7 @@ def test_a_slice_past_its_deadline_stops_at_the_next_step_as_a_timeout(runner) -
 
     steps: list[int] = []
     control = StepControl(step_delay_s=0.05, on_step=steps.append)
-    with pytest.raises(InferenceTimeout, match="did not finish within 0.01 s"):
+    with pytest.raises(InferenceTimeout, match=r"did not finish within 0\.01 s"):
         runner.advance(call(WorkItem("job", PARAMS), timeout_s=0.01), control)
     assert steps == [1]  # one step, then the boundary saw the deadline
     [output] = runner.advance(call(WorkItem("job", PARAMS), timeout_s=60), StepControl())

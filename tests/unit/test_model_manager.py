@@ -1,15 +1,16 @@
-"""Replica health: the assessment rules and the manager's bookkeeping, with a fake clock."""
+"""Replica health and models: the assessment rules and the manager's bookkeeping, with a fake
+clock and fake model loads."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 
-from deployments.model_manager import ModelManager, ReplicaFacts, Thresholds, assess
+from deployments.model_manager import ModelLoadFailed, ModelManager, ReplicaFacts, Thresholds, assess
 from deployments.nvml import GpuLost, GpuReading
-from deployments.settings import WorkerSettings
+from deployments.settings import ModelSpec, NotServed, WorkerSettings
 from scheduling.directives import (
     Health,
     InjectedFaults,
@@ -26,6 +27,7 @@ FINE = ReplicaFacts(
 )  # fmt: skip
 
 
+# fmt: off
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -51,6 +53,7 @@ FINE = ReplicaFacts(
 )
 def test_assessment_rules(changes: dict, expected: tuple[Mode, Health, str]) -> None:
     assert assess(replace(FINE, **changes), LIMITS) == expected
+# fmt: on
 
 
 def test_availability_follows_the_runbook() -> None:
@@ -68,7 +71,7 @@ class FakeClock:
 
 class FakeReader:
     def __init__(self, reading: GpuReading | None) -> None:
-        self.reading: GpuReading | None | Exception = reading
+        self.reading: GpuReading | Exception | None = reading
 
     def read(self) -> GpuReading | None:
         if isinstance(self.reading, Exception):
@@ -76,9 +79,64 @@ class FakeReader:
         return self.reading
 
 
+class FakeRunner:
+    def __init__(self, name: str) -> None:
+        self.name, self.device, self.dtype = name, "cuda", "torch.float16"
+        self.adapters: tuple[str, ...] = ()
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeLoader:
+    """Loads take LOAD_S on the clock; it notes which models were held as each load began."""
+
+    LOAD_S = 2.5
+
+    def __init__(self, clock: FakeClock, failing: frozenset[str] = frozenset()) -> None:
+        self.clock, self.failing = clock, failing
+        self.manager: ModelManager | None = None
+        self.loads: list[tuple[str, tuple[str, ...]]] = []  # (model, models held as it began)
+
+    def __call__(self, name: str) -> FakeRunner:
+        held = tuple(self.manager.held()) if self.manager else ()
+        self.loads.append((name, held))
+        self.clock.now += self.LOAD_S
+        if name in self.failing:
+            raise OSError(f"no model in /models/{name}")
+        return FakeRunner(name)
+
+
+class RecordedEvents:
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, float]] = []
+        self.evictions: list[str] = []
+
+    def loaded(self, model: str, seconds: float) -> None:
+        self.loads.append((model, seconds))
+
+    def evicted(self, model: str) -> None:
+        self.evictions.append(model)
+
+
 def manager(clock: FakeClock, reader: FakeReader, **settings: object) -> ModelManager:
-    runner = SimpleNamespace(device="cuda", dtype="torch.float16")
-    return ModelManager(WorkerSettings(model="m", **settings), reader, lambda: runner, clock)
+    return ModelManager(WorkerSettings(model="m", **settings), reader, FakeRunner, clock, RecordedEvents())
+
+
+MODELS = {"a": "/models/a", "b": {"path": "/models/b", "dtype": "float16"}, "c": "/models/c"}
+
+
+def multi(
+    limit: int = 1, failing: frozenset[str] = frozenset(), **settings: object
+) -> tuple[ModelManager, FakeLoader, RecordedEvents]:
+    """A replica serving models a (the default), b and c, holding `limit` at once."""
+    clock, events = FakeClock(), RecordedEvents()
+    loader = FakeLoader(clock, failing)
+    worker = WorkerSettings(models=MODELS, models_per_replica=limit, **settings)
+    replica = ModelManager(worker, FakeReader(None), loader, clock, events)
+    loader.manager = replica
+    return replica, loader, events
 
 
 def test_a_cancelled_call_that_stops_says_nothing_about_the_gpu() -> None:
@@ -125,9 +183,13 @@ def test_a_model_that_fails_to_load_is_offline() -> None:
     def broken() -> None:
         raise OSError("no such model")
 
-    replica = ModelManager(WorkerSettings(model="m"), FakeReader(None), broken, FakeClock())
+    replica = ModelManager(WorkerSettings(model="m"), FakeReader(None), lambda _name: broken(), FakeClock(), RecordedEvents())
     snapshot = replica.get_status_snapshot()
-    assert (snapshot.mode, snapshot.health, snapshot.reason) == ("offline", "unhealthy", "model not loaded: OSError: no such model")
+    assert (snapshot.mode, snapshot.health, snapshot.reason) == (
+        "offline",
+        "unhealthy",
+        "model not loaded: OSError: no such model",
+    )
 
 
 def test_injected_faults_count_only_when_enabled() -> None:
@@ -153,3 +215,82 @@ def test_a_replica_in_maintenance_still_runs_what_it_was_sent() -> None:
     assert can_run("maintenance", "healthy") and not is_available("maintenance", "healthy")
     assert not can_run("maintenance", "degraded") and not can_run("degraded", "degraded")
     assert can_run("cuda", "healthy")
+
+
+def test_the_default_model_loads_at_start_and_is_reported() -> None:
+    replica, loader, events = multi(limit=2)
+    snapshot = replica.get_status_snapshot()
+    assert (snapshot.model, snapshot.device, snapshot.dtype, snapshot.models) == ("a", "cuda", "float16", {"a": ()})
+    assert (loader.loads, events.loads) == ([("a", ())], [("a", FakeLoader.LOAD_S)])
+
+
+def test_a_held_model_is_not_loaded_again() -> None:
+    replica, loader, _ = multi(limit=2)
+    assert replica.runner_for("a") is replica.runner_for("") is replica.runner_for("a")  # "": the default
+    assert [model for model, _ in loader.loads] == ["a"]
+
+
+def test_models_load_on_demand_and_the_least_recently_used_goes_at_the_limit() -> None:
+    replica, _, events = multi(limit=2)
+    b = replica.runner_for("b")
+    assert list(replica.held()) == ["a", "b"]
+    replica.runner_for("a")  # a is now the most recently used
+    assert list(replica.held()) == ["b", "a"]
+    replica.runner_for("c")
+    assert list(replica.get_status_snapshot().models) == ["a", "c"]
+    assert b.released and events.evictions == ["b"]
+    assert events.loads == [(model, FakeLoader.LOAD_S) for model in ("a", "b", "c")]
+
+
+def test_at_one_model_per_replica_each_other_model_evicts_the_held_one_before_it_loads() -> None:
+    replica, loader, events = multi(limit=1)
+    for model in ("b", "a", "a", "b"):
+        assert replica.runner_for(model).name == model
+    # Never two models in memory at once: the held one goes before the next one loads.
+    assert loader.loads == [("a", ()), ("b", ()), ("a", ()), ("b", ())]
+    assert events.evictions == ["a", "b", "a"]
+    assert replica.get_status_snapshot().models == {"b": ()}
+
+
+def test_the_snapshot_names_the_adapters_loaded_into_each_model(tmp_path: Path) -> None:
+    replica, _, _ = multi(limit=2, lora_dir=str(tmp_path))
+    replica.runner_for("b").adapters = ("ink", "chalk")  # as the runner loads them for its calls
+    assert replica.get_status_snapshot().models == {"a": (), "b": ("ink", "chalk")}
+
+
+def test_an_unknown_model_or_adapter_is_the_jobs_error_not_the_replicas(tmp_path: Path) -> None:
+    (tmp_path / "ink").mkdir()
+    replica, loader, _ = multi(lora_dir=str(tmp_path))
+    with pytest.raises(NotServed, match="unknown model 'zz'; served: a, b, c"):
+        replica.runner_for("zz")
+    with pytest.raises(NotServed, match="unknown LoRA adapter 'chalk'; served: ink"):
+        replica.runner_for("b", ["ink", "chalk"])
+    assert replica.runner_for("b", ["ink"]).name == "b"
+    assert [model for model, _ in loader.loads] == ["a", "b"]  # nothing loaded for a job that cannot run
+    snapshot = replica.get_status_snapshot()
+    assert (snapshot.mode, snapshot.health, snapshot.consecutive_failures) == (Mode.CUDA, Health.HEALTHY, 0)
+
+
+def test_a_model_that_fails_to_load_on_demand_fails_its_job_and_the_replica_stays_healthy() -> None:
+    replica, _, events = multi(limit=1, failing=frozenset({"b"}))
+    with pytest.raises(ModelLoadFailed, match="model 'b' did not load: OSError: no model in /models/b"):
+        replica.runner_for("b")
+    snapshot = replica.get_status_snapshot()
+    assert (snapshot.mode, snapshot.health, snapshot.models) == (Mode.CUDA, Health.HEALTHY, {})  # a made room in vain
+    assert [model for model, _ in events.loads] == ["a"]  # only loads that succeeded count
+    assert replica.runner_for("a").name == "a"
+
+
+def test_a_default_model_that_fails_to_load_makes_the_replica_offline() -> None:
+    replica, _, _ = multi(failing=frozenset({"a"}))
+    snapshot = replica.get_status_snapshot()
+    assert (snapshot.mode, snapshot.health, snapshot.models) == (Mode.OFFLINE, Health.UNHEALTHY, {})
+    assert snapshot.reason == "model not loaded: OSError: no model in /models/a"
+
+
+def test_the_catalog_names_a_single_model_by_its_last_path_component() -> None:
+    assert WorkerSettings(model="stabilityai/sd-turbo").check_served("") == "sd-turbo"
+    assert WorkerSettings(model="/srv/models/tiny/", dtype="float16").catalog() == {
+        "tiny": ModelSpec(path="/srv/models/tiny/", dtype="float16")
+    }
+    assert WorkerSettings(models=MODELS).default_model() == "a"

@@ -1,4 +1,5 @@
-"""Random-weight pipelines: SD 1.5's full size checked on the meta device, a scaled-down copy really written and run.
+"""Random-weight pipelines: SD 1.5's full size checked on the meta device, a scaled-down copy really written and run;
+tiny LoRA adapters written as diffusers writes them.
 
 The full-size weights (about 4 GB in float32) are never allocated here.
 """
@@ -113,3 +114,19 @@ def test_the_cli_writes_the_tiny_model_by_default(argv: list[str], tmp_path: Pat
     assert main([argv[0], str(folder), *argv[1:]]) == 0
     assert is_tiny_model(str(folder)) and (folder / "model_index.json").is_file()
     assert f"export SEIDRA_MODEL={folder}" in capsys.readouterr().out
+
+
+def test_a_tiny_lora_adapter_is_seeded_and_covers_the_unet_and_the_text_encoder(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from deployments.tiny_model import make_tiny_lora
+
+    weights = [
+        load_file(make_tiny_lora(tmp_path / name, seed) / "pytorch_lora_weights.safetensors")
+        for name, seed in (("first", 0), ("again", 0), ("other", 1))
+    ]
+    first, again, other = weights
+    assert {key.split(".")[0] for key in first} == {"unet", "text_encoder"}
+    assert first.keys() == again.keys() == other.keys()
+    assert all(first[key].equal(again[key]) for key in first)
+    assert not any(first[key].equal(other[key]) for key in first)
