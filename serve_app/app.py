@@ -34,6 +34,7 @@ from scheduling.router import RouterUnavailable, get_or_create_router
 from serve_app import events
 from serve_app.auth import Authenticator, AuthMiddleware, admin, caller, owner_scope
 from serve_app.body_limit import BodyLimitMiddleware
+from serve_app.catalog import Catalog
 from serve_app.openai_api import OpenAIErrorMiddleware, OpenAIRoutes
 from serve_app.openai_api import router as openai_router
 from serve_app.schemas import (
@@ -226,6 +227,7 @@ class SeidraAPI(OpenAIRoutes):
         self._notifications = NotificationService(storage.database_url)
         self._store = open_object_store(storage)
         self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings.router, storage)
+        self._catalog = Catalog(settings.worker)
         api.state.authenticator = Authenticator(settings.api.auth, ApiKeyStore(storage.database_url))
 
     def _view(self, job: GenerationJob, principal: Principal, live: dict[str, Any] | None = None) -> JobView:
@@ -341,6 +343,9 @@ class SeidraAPI(OpenAIRoutes):
         span = trace.get_current_span()
         if batch_id is not None:
             span.set_attribute("seidra.batch_id", str(batch_id))
+        # A batch's jobs are its `items`; any other request's are the body itself.
+        locations = [("body", "items", index) for index in range(len(jobs))] if batch_id is not None else [("body",)] * len(jobs)
+        jobs = self._catalog.resolve(jobs, locations)
         claim = _claim(idempotency_key, path, request, batch_id, principal)
         submission: Submission = await _router_call(
             self._router.submit.remote(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -72,9 +71,9 @@ class AppSettings:
 
 
 def served_models(worker: WorkerSettings) -> list[str]:
-    """The names a caller may pick a model by (OpenAI's `model`), the default first: today the one
-    `SEIDRA_MODEL`, named by its last path component (`stabilityai/sd-turbo` is `sd-turbo`)."""
-    return [Path(worker.model.rstrip("/")).name or worker.model]
+    """The names a caller may pick a model by (`model`), the default first: SEIDRA_MODELS' names, or
+    SEIDRA_MODEL's last path component (`stabilityai/sd-turbo` is `sd-turbo`)."""
+    return list(worker.catalog())
 
 
 def _own(settings_class: type[BaseSettings], args: Mapping[str, Any]) -> dict[str, Any]:
