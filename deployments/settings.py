@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
@@ -62,6 +63,14 @@ class WorkerSettings(BaseSettings):
     fault_injection: bool = Field(
         False, description="Drills and tests only: let the admin fault endpoint change what replicas report."
     )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _json_text(cls, value: Any) -> Any:
+        """Application args arrive as the text of their SEIDRA_* variable (`seidra up`, the tests)."""
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
 
     def catalog(self) -> dict[str, ModelSpec]:
         """The served models by name, the default first. With `model` alone, its name is its last

@@ -8,6 +8,7 @@ otherwise in SQLite and a local folder.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -26,6 +27,9 @@ from storage.notifications import NotificationService
 from storage.object_store import ObjectStore, open_object_store
 from storage.settings import StorageSettings
 from tests.otlp import OtlpCollector
+
+SECOND_MODEL = "tiny-b"  # served beside the tiny model: same architecture, other weights
+ADAPTER = "ink"  # a tiny LoRA adapter of SEIDRA_LORA_DIR
 
 TEST_ENV = {
     "SEIDRA_AUTH": "keys",
@@ -176,14 +180,22 @@ def app(
     import ray
     from ray import serve
 
+    from deployments.tiny_model import make_tiny_lora, make_tiny_model
     from serve_app.cluster import deploy_serve_config
     from storage.database import upgrade
 
+    # Two models (the tiny one the default, named as SEIDRA_MODEL alone would name it) and an adapter.
+    assets = tmp_path_factory.mktemp("served")
+    models = {tiny_model.name: str(tiny_model), SECOND_MODEL: str(make_tiny_model(assets / SECOND_MODEL, seed=1))}
+    make_tiny_lora(assets / "loras" / ADAPTER, seed=0)
     env = {
         **TEST_ENV,
         **_storage_env(request),
         "SEIDRA_HOME": str(tmp_path_factory.mktemp("seidra-home")),
         "SEIDRA_MODEL": str(tiny_model),
+        "SEIDRA_MODELS": json.dumps(models),
+        "SEIDRA_MODELS_PER_REPLICA": "2",
+        "SEIDRA_LORA_DIR": str(assets / "loras"),
         "HF_HUB_OFFLINE": "1",
         # Traces go where Tempo would take them, flushed often enough for the tests to wait on.
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_collector.endpoint,
