@@ -127,7 +127,8 @@ class ImageGenerationRequest(BaseModel):
         images = []
         for index in range(self.n or 1):
             seeded = {} if seed is None else {"seed": seed + index}
-            image = _generation_request({"prompt": self.prompt, "width": width, "height": height, **options, **seeded})
+            asked = {"prompt": self.prompt, "model": self.model, "width": width, "height": height, **options, **seeded}
+            image = _generation_request(asked)
             images.append({**image.to_job_fields(), **meta})
         return images
 
@@ -136,7 +137,9 @@ def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as refused:
-        raise RequestValidationError([_as_openai_field(error) for error in refused.errors(include_url=False, include_context=False)]) from None
+        raise RequestValidationError(
+            [_as_openai_field(error) for error in refused.errors(include_url=False, include_context=False)]
+        ) from None
 
 
 def _as_openai_field(error: ErrorDetails) -> dict[str, Any]:
@@ -144,7 +147,7 @@ def _as_openai_field(error: ErrorDetails) -> dict[str, Any]:
     name, *inner = error["loc"]
     if name in ("width", "height"):
         return {**error, "loc": ("body", "size"), "msg": f"{name}: {error['msg']}"}
-    where = ("body", name) if name == "prompt" else ("body", "seidra", name)
+    where = ("body", name) if name in ("prompt", "model") else ("body", "seidra", name)
     return {**error, "loc": (*where, *inner)}
 
 

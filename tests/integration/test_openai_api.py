@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.ray_app import RunningApp
+from tests.ray_app import SECOND_MODEL, RunningApp
 
 CHEAP = {"num_inference_steps": 4}
 
@@ -37,9 +37,12 @@ def png_size(data: bytes) -> tuple[int, int]:
     return image.size
 
 
-def test_models_lists_the_served_model(client: OpenAI, tiny_model: Path) -> None:
-    [model] = client.models.list().data
-    assert (model.id, model.object, model.owned_by) == (tiny_model.name, "model", "seidra")
+def test_models_lists_the_served_models_the_default_first(client: OpenAI, tiny_model: Path) -> None:
+    models = client.models.list().data
+    assert [(model.id, model.object, model.owned_by) for model in models] == [
+        (tiny_model.name, "model", "seidra"),
+        (SECOND_MODEL, "model", "seidra"),
+    ]
 
 
 def test_b64_json_is_the_png_of_the_requested_size_recorded_as_the_callers_job(
@@ -59,11 +62,19 @@ def test_b64_json_is_the_png_of_the_requested_size_recorded_as_the_callers_job(
     job = app.job(image.model_extra["seidra"]["job_id"])
     assert (job["owner"], job["status"], job["lane"], job["priority"], job["seed"]) == (user, "completed", "realtime", 2, 11)
     assert job["metadata"]["end_user"] == "end-user-7"
-    assert (job["width"], job["height"], job["num_inference_steps"], job["batch_id"]) == (96, 64, 4, None)
+    assert (job["width"], job["height"], job["num_inference_steps"], job["batch_id"], job["model"]) == (
+        96,
+        64,
+        4,
+        None,
+        tiny_model.name,
+    )
     assert made.size == "96x64" and made.created > 0
 
 
-def test_n_urls_are_n_jobs_of_one_submission(app: RunningApp, client: OpenAI, user: str) -> None:
+def test_n_urls_are_n_jobs_of_one_submission_with_the_default_model(
+    app: RunningApp, client: OpenAI, user: str, tiny_model: Path
+) -> None:
     made = client.images.generate(prompt="a fox", n=3, size="64x64", extra_body={"seidra": {**CHEAP, "seed": 5}})
     job_ids = [image.model_extra["seidra"]["job_id"] for image in made.data]
     assert len(set(job_ids)) == 3
@@ -75,16 +86,20 @@ def test_n_urls_are_n_jobs_of_one_submission(app: RunningApp, client: OpenAI, us
             assert png_size(fetched.raise_for_status().content) == (64, 64)
         listed = {job["id"]: job for job in mine.get("/jobs").json()}
     jobs = [listed[job_id] for job_id in job_ids]
-    assert {(job["owner"], job["status"], job["lane"]) for job in jobs} == {(user, "completed", "realtime")}
+    assert {(job["owner"], job["status"], job["lane"], job["model"]) for job in jobs} == {
+        (user, "completed", "realtime", tiny_model.name)
+    }
     assert [job["seed"] for job in jobs] == [5, 6, 7]
     [batch_id] = {job["batch_id"] for job in jobs}
     assert batch_id is not None
 
 
-def test_the_batch_lane_through_the_extension(app: RunningApp, client: OpenAI) -> None:
-    made = client.images.generate(prompt="a tile", size="64x64", extra_body={"seidra": {**CHEAP, "priority": "low"}})
+def test_the_batch_lane_through_the_extension_with_the_model_named(app: RunningApp, client: OpenAI) -> None:
+    made = client.images.generate(
+        prompt="a tile", model=SECOND_MODEL, size="64x64", extra_body={"seidra": {**CHEAP, "priority": "low"}}
+    )
     job = app.job(made.data[0].model_extra["seidra"]["job_id"])
-    assert (job["lane"], job["priority"], job["status"]) == ("batch", 8, "completed")
+    assert (job["lane"], job["priority"], job["status"], job["model"]) == ("batch", 8, "completed", SECOND_MODEL)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,11 @@ def test_n_images_are_n_jobs_with_the_native_fields_and_consecutive_seeds() -> N
     assert all(job["meta"] == {"end_user": "end-user-7"} for job in jobs)
 
 
+def test_the_model_is_each_jobs_and_none_is_the_default() -> None:
+    assert {job["model"] for job in request(n=2, model="tiny-b").to_job_fields()} == {"tiny-b"}
+    assert request().to_job_fields()[0]["model"] == ""  # named at submission, as for the native routes
+
+
 def test_defaults_are_the_native_ones_and_seeds_are_drawn_per_image() -> None:
     jobs = request(n=2, size="auto").to_job_fields()
     assert {(job["width"], job["height"], job["priority"], job["num_inference_steps"]) for job in jobs} == {
