@@ -35,6 +35,7 @@ EXAMPLES_PER_MODE = int(os.environ.get("SEIDRA_FUZZ_EXAMPLES", "12"))
 FUZZ_USER = "fuzzer"
 EXCLUDED_OPERATIONS = {"POST /admin/faults", "DELETE /admin/faults"}
 CHEAP_JOB = {"width": 64, "height": 64, "num_inference_steps": 4}
+OPENAI_IMAGES = "/v1/images/generations"
 REQUEST_TIMEOUT_S = 120  # above the API's ?wait=true wait (SEIDRA_WAIT_TIMEOUT_S, 60 s)
 
 
@@ -48,9 +49,14 @@ def cancel_unfinished(app: RunningApp, client: httpx.Client) -> None:
             client.delete(f"/jobs/{job.id}")  # 409 when it ended meanwhile: as good
 
 
-def cheapen(body: Any) -> None:
-    """Cap a valid submission's size and steps, in place: anything else is left as generated."""
+def cheapen(body: Any, path: str) -> None:
+    """Cap a valid submission's size and steps (and images), in place: anything else is left as generated."""
     if not isinstance(body, dict):
+        return
+    if path == OPENAI_IMAGES:
+        extension = body.get("seidra") or {}
+        extension["num_inference_steps"] = min(extension.get("num_inference_steps", 4), 4)
+        body.update(size="64x64", n=min(body.get("n") or 1, 2), seidra=extension)
         return
     for item in body.get("items", [body]):
         for field, ceiling in CHEAP_JOB.items():
@@ -80,8 +86,8 @@ def fuzz(operation: Any, mode: GenerationMode, exercise: Callable[[schemathesis.
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case) -> None:
-        if mode is GenerationMode.POSITIVE and case.operation.path.startswith("/generation/"):
-            cheapen(case.body)
+        if mode is GenerationMode.POSITIVE and case.operation.path.startswith(("/generation/", OPENAI_IMAGES)):
+            cheapen(case.body, case.operation.path)
         exercise(case)
 
     try:
