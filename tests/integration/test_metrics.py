@@ -19,6 +19,8 @@ EXPECTED = [
     'ray_seidra_job_duration_seconds_bucket{',
     'ray_seidra_queue_wait_seconds_bucket{',
     'ray_seidra_inference_step_seconds_bucket{',
+    'ray_seidra_model_loads_total{',  # the default model, as the replica started
+    'ray_seidra_model_load_seconds_bucket{',
     'ray_seidra_http_requests_total{',
     'ray_serve_',
 ]
