@@ -120,21 +120,13 @@ class DiffusionRunner:
         with self._lock:
             if control.cancelled.is_set():  # given up on before it began (while its model loaded, say)
                 raise Interrupted(f"call {batch.call_id} was cancelled before it began")
-            # Outside inference mode: peft marks the adapters' weights as it activates them.
+            # Outside inference mode: activating an adapter sets requires_grad on its weights, which
+            # tensors made in inference mode refuse.
             self._use_adapters(items[0].params.loras)
             with torch.inference_mode():
-                kwargs = self._call_arguments(items)
-                if step:
-                    remaining, init_sigma = self._remaining_schedule(total, step)
-                    kwargs["timesteps"] = remaining
-                    # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
-                    latents = torch.cat([torch.from_numpy(item.latents) for item in items if item.latents is not None])
-                    kwargs["latents"] = (latents / init_sigma).to(self.device, self.dtype)
-                else:
-                    kwargs["num_inference_steps"] = total
+                kwargs = self._call_arguments(batch)
                 control.begin(step, total, batch.slice_steps if self.resumable else None, batch.timeout_s)
-                kwargs["callback_on_step_end"] = control
-                images = self.pipeline(**kwargs).images
+                images = self.pipeline(**kwargs, callback_on_step_end=control).images
         if control.cancelled.is_set():
             raise Interrupted(f"call {batch.call_id} was cancelled at a step boundary")
         if control.timed_out:
@@ -169,8 +161,8 @@ class DiffusionRunner:
         self.adapters = (*self.adapters, name)
         logger.info("Loaded LoRA adapter %s into %s in %.1f s", name, self.name, time.perf_counter() - started)
 
-    def _call_arguments(self, items: tuple[WorkItem, ...]) -> dict[str, Any]:
-        params = items[0].params
+    def _call_arguments(self, batch: WorkBatch) -> dict[str, Any]:
+        items, params = batch.items, batch.items[0].params
         return {
             "width": params.width,
             "height": params.height,
@@ -179,7 +171,17 @@ class DiffusionRunner:
             # Seeded on the CPU so a seed gives the same image whatever the device; one per job, so
             # each job's image is the one it would be alone.
             "generator": [torch.Generator("cpu").manual_seed(item.params.seed) for item in items],
+            **self._schedule_arguments(batch),
         }
+
+    def _schedule_arguments(self, batch: WorkBatch) -> dict[str, Any]:
+        """All the steps from the start, or the steps left with the latents where the jobs stand."""
+        if not batch.step:
+            return {"num_inference_steps": batch.total_steps}
+        remaining, init_sigma = self._remaining_schedule(batch.total_steps, batch.step)
+        # Divided in float32: the pipeline multiplies back, and two fp16 roundings would drift.
+        latents = torch.cat([torch.from_numpy(item.latents) for item in batch.items if item.latents is not None])
+        return {"timesteps": remaining, "latents": (latents / init_sigma).to(self.device, self.dtype)}
 
     def _prompts(self, items: tuple[WorkItem, ...]) -> dict[str, Any]:
         """Embeddings for Stable Diffusion pipelines, computed once per prompt; the text for others."""
