@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -67,7 +66,7 @@ logger = logging.getLogger(__name__)
 # Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
-ROUTER_API_VERSION = 5
+ROUTER_API_VERSION = 6
 ROUTER_VERSION_TIMEOUT_S = 60.0
 # Short enough that the API answers soon after the database is back.
 RECOVERY_RETRY_MAX_S = 10.0
@@ -198,6 +197,10 @@ class JobRouter:
 
         With `idempotency`, a request replayed under the same key returns the jobs it created the
         first time (`created` False), and costs no room or quota.
+
+        A request may give its jobs' ids (`id`: a named batch's items, `storage.batches`). A job
+        stored already under its id is answered as stored (`found`), at no cost; BatchConflict, and
+        nothing stored, when it asks for another image.
         """
         self._require_ready()
         if idempotency is not None:
@@ -205,20 +208,20 @@ class JobRouter:
             if replayed is not None:
                 return replayed
         jobs = [self._new_job(request, batch_id, owner) for request in requests]
-        attributes = [_span_attributes(job) for job in jobs]
-        with tracing.enqueue_spans(trace_context, attributes, batch=batch_id is not None) as spans:
-            for job, span in zip(jobs, spans, strict=True):
+        found = await self._stored_call(self._jobs.stored_already, jobs)
+        new = [job for job in jobs if job.id not in found]
+        with tracing.enqueue_spans(trace_context, [_span_attributes(job) for job in new], batch=batch_id is not None) as spans:
+            for job, span in zip(new, spans, strict=True):
                 job.meta = {**job.meta, **tracing.job_trace(span)}
             quota = None if limits is None else user_quota(self._settings, limits)
-            reservation = self._core.reserve([Lane(job.lane) for job in jobs], owner, quota)
+            reservation = self._core.reserve([Lane(job.lane) for job in new], owner, quota)
             submission = None
             try:
                 submission = await self._stored_call(self._jobs.submit, jobs, idempotency)
             finally:
                 self._core.release(reservation, stored=submission is not None and submission.created)
-            if submission.created:
-                self._core.submit([job_spec(job) for job in submission.jobs])
-        for job in submission.jobs if submission.created else ():
+            self._core.submit([job_spec(job) for job in submission.new])
+        for job in submission.new:
             metrics.job_events()["submitted"].inc(tags={"lane": job.lane})
         self._wake.set()
         return submission
@@ -361,7 +364,7 @@ class JobRouter:
             **request,
             owner=owner,
             lane=lane_for(request["priority"]).value,
-            batch_id=uuid.UUID(batch_id) if batch_id else None,
+            batch_id=batch_id,
             status=JobStatus.PENDING.value,
         )
 

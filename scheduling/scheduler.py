@@ -378,7 +378,8 @@ class Scheduler:
         token when there is a quota (returns whether it did)."""
         for lane, jobs in wanted.items():
             self._queue.check_room(lane, jobs + self._reserved[lane])
-        if quota is None:
+        # No job wanted: a batch whose items are all stored already, submitted again, costs nothing.
+        if quota is None or not wanted:
             return False
         self._check_unfinished(owner, wanted, quota)
         self._take_token(owner, quota)

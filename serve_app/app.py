@@ -41,6 +41,8 @@ from serve_app.schemas import (
     LIMITS,
     MAX_IDEMPOTENCY_KEY_CHARS,
     BatchAccepted,
+    BatchConflictBody,
+    BatchName,
     BatchRequest,
     FaultRequest,
     GenerationRequest,
@@ -51,6 +53,7 @@ from serve_app.schemas import (
 )
 from serve_app.settings import AppSettings, settings_from_args
 from storage.api_keys import ApiKeyStore, KeyLimits, Principal
+from storage.batches import BatchConflict
 from storage.database import DATABASE_OUTAGES
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, JobStore, Submission, as_utc
@@ -181,6 +184,8 @@ async def _router_call(call: Awaitable[T]) -> T:
             raise HTTPException(429, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
         if isinstance(cause, RouterUnavailable):
             raise HTTPException(503, str(cause), headers={"Retry-After": str(cause.retry_after_s)}) from None
+        if isinstance(cause, BatchConflict):
+            raise cause from None  # the route answers it: it knows each job's item
         if isinstance(cause, (IdempotencyMismatch, SubmissionTooLarge)):
             raise HTTPException(422, str(cause)) from None
         if isinstance(cause, IllegalTransition):
@@ -194,7 +199,7 @@ async def _router_call(call: Awaitable[T]) -> T:
         ) from None
 
 
-def _claim(key: str | None, path: str, request: Any, batch_id: uuid.UUID | None, principal: Principal) -> IdempotencyClaim | None:
+def _claim(key: str | None, path: str, request: Any, batch_id: str | None, principal: Principal) -> IdempotencyClaim | None:
     """The idempotency claim for a request: its key, per user, and a hash of what it asks for.
 
     The hash covers the validated body (a seed left out is drawn later, so a replay gets the
@@ -310,7 +315,11 @@ class SeidraAPI(OpenAIRoutes):
         "/generation/batch",
         status_code=202,
         response_model=BatchAccepted,
-        responses={200: {"model": BatchAccepted, "description": "An Idempotency-Key replay."}} | _errors(*WRITE_ERRORS, 429),
+        responses={
+            200: {"model": BatchAccepted, "description": "An Idempotency-Key replay, or every item's job stored already."},
+            409: {"model": BatchConflictBody, "description": "Items ask for other images than their jobs stored already."},
+        }
+        | _errors(*WRITE_ERRORS, 429),
     )
     async def generate_batch(
         self,
@@ -318,16 +327,29 @@ class SeidraAPI(OpenAIRoutes):
         request: BatchRequest,
         response: Response,
         idempotency_key: str | None = Header(None, max_length=MAX_IDEMPOTENCY_KEY_CHARS),
-    ) -> BatchAccepted:
-        """Queue several images (batch lane by default), all or none; `Idempotency-Key` as for one image."""
-        batch_id = uuid.uuid4()
-        submission = await self._submit(
-            principal, request, request.to_job_fields(), "/generation/batch", idempotency_key, batch_id
-        )
+    ) -> BatchAccepted | JSONResponse:
+        """Queue several images (batch lane by default), all or none; `Idempotency-Key` as for one image.
+
+        Under a `batch_id` of the caller's used before, an item whose job is stored already is that
+        job, not made again (`existing_job_ids`); one that asks for another image is refused (409),
+        and then nothing of the request is stored.
+        """
+        name = request.batch_id or str(uuid.uuid4())
+        jobs = request.to_job_fields(principal.user, name)
+        try:
+            submission = await self._submit(principal, request, jobs, "/generation/batch", idempotency_key, name)
+        except BatchConflict as conflict:
+            indexes = {job["id"]: index for index, job in enumerate(jobs, request.first_index)}
+            return JSONResponse(status_code=409, content=BatchConflictBody.of(conflict, name, indexes).model_dump(mode="json"))
         if not submission.created:
             response.status_code = 200
         views = [self._view(job, principal) for job in submission.jobs]
-        return BatchAccepted(batch_id=submission.batch_id or batch_id, job_ids=[view.id for view in views], jobs=views)
+        return BatchAccepted(
+            batch_id=submission.batch_id or name,
+            job_ids=[view.id for view in views],
+            jobs=views,
+            existing_job_ids=[job.id for job in submission.jobs if job.id in submission.found],
+        )
 
     async def _submit(
         self,
@@ -336,13 +358,13 @@ class SeidraAPI(OpenAIRoutes):
         jobs: list[dict[str, Any]],
         path: str,
         idempotency_key: str | None,
-        batch_id: uuid.UUID | None = None,
+        batch_id: str | None = None,
     ) -> Submission:
         """Store and queue the caller's jobs (`request`'s, as the router stores them), all or none, under
         their quota; with `batch_id`, as one batch. An `Idempotency-Key` is claimed for `path`."""
         span = trace.get_current_span()
         if batch_id is not None:
-            span.set_attribute("seidra.batch_id", str(batch_id))
+            span.set_attribute("seidra.batch_id", batch_id)
         # A batch's jobs are its `items`; any other request's are the body itself.
         locations = [("body", "items", index) for index in range(len(jobs))] if batch_id is not None else [("body",)] * len(jobs)
         jobs = self._catalog.resolve(jobs, locations)
@@ -350,7 +372,7 @@ class SeidraAPI(OpenAIRoutes):
         submission: Submission = await _router_call(
             self._router.submit.remote(
                 jobs,
-                str(batch_id) if batch_id is not None else None,
+                batch_id,
                 trace_context=tracing.carrier(),
                 idempotency=claim,
                 owner=principal.user,
@@ -409,17 +431,20 @@ class SeidraAPI(OpenAIRoutes):
         principal: Caller,
         status: JobStatus | None = None,
         lane: Lane | None = None,
-        batch_id: uuid.UUID | None = None,
+        batch_id: BatchName | None = None,
         owner: Annotated[str | None, Query(max_length=64, description="Admins: that user's jobs only.")] = None,
+        after: Annotated[uuid.UUID | None, Query(description="The last job of the page before: the next page.")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> list[JobView]:
-        """The caller's jobs, newest first (an admin's: everyone's, or `owner`'s)."""
+        """The caller's jobs, newest first (an admin's: everyone's, or `owner`'s); `batch_id` is a
+        batch's name, which is the caller's own (an admin's listing shows each user's batch of that name)."""
         jobs = await asyncio.to_thread(
             self._jobs.list,
             status=status,
             lane=lane.value if lane else None,
             batch_id=batch_id,
             owner=owner_scope(principal, owner),
+            after=after,
             limit=limit,
         )
         return [self._view(job, principal) for job in jobs]

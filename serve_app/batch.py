@@ -1,23 +1,27 @@
 """A batch of prompts as a Ray job:
 
-    ray job submit --working-dir . -- python -m serve_app.batch PROMPTS_FILE [--batch-id ID]
+    ray job submit --working-dir . -- python -m serve_app.batch PROMPTS_FILE [--batch-id NAME]
 
 PROMPTS_FILE holds JSON Lines (one object per line, with the fields of `/generation/single`) or
 plain text (one prompt per line). The driver is a client of SEIDRA's HTTP API like any other and
 holds no storage credentials: it submits every item to the batch lane (`POST /generation/batch`, in
 chunks), waits, drawing a progress bar of the jobs ended on stderr (in the Ray job's logs: a line
 each time the count changes), and ends with a summary
-and a manifest (prompt, job id, status, result key, error), printed and, with `--manifest PATH`,
-written to a file that only its owner can read.
+and a manifest (line, prompt, job id, status, result key, error), printed and, with `--manifest
+PATH`, written to a file that only its owner can read.
 
 Its API key comes from its own environment (`SEIDRA_API_KEY` or `SEIDRA_API_KEY_FILE`) or from
 `--api-key-file PATH`, a path on the machine the driver runs on; never from the Ray job's runtime env
 or entrypoint, which the dashboard shows. The API: `--url`, else `SEIDRA_API_URL`, else the Serve
 HTTP proxy of the Ray cluster the driver runs in, else http://127.0.0.1:8000.
 
-Each chunk goes with an `Idempotency-Key` made of the batch id and the chunk's index, so running the
-same batch id again (after the Ray job was stopped halfway, say) within `SEIDRA_IDEMPOTENCY_TTL_S`
-creates nothing twice: it gets the first run's jobs back and waits for what is left.
+The batch's name is `--batch-id` (`nightly-2026-12-01`: letters, digits, `.`, `_`, `-`), else a new
+UUID; it is the `batch_id` of its jobs. A line's job derives from the name, the key's user and the
+line's place among the file's prompts (blank lines are none), so running the same name again (after
+the Ray job was stopped halfway, say) creates nothing twice: it finds the first run's jobs, queues
+the lines that have none, and waits for what is left. A line that asks for another image than its
+job (the file was edited since) is refused, with what changed: once every chunk was sent, the
+driver names each such line and exits 2, the other chunks queued (a chunk is all or none).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ from scheduling.lanes import DEFAULT_BATCH_PRIORITY, parse_priority
 from serve_app.client import DEFAULT_URL, ApiError, KeyFileError, SeidraClient, api_key_from_environment, read_key_file
 from serve_app.progress import StatusLine, bar
 from serve_app.schemas import GenerationFields
+from storage.batches import batch_name
 from storage.job_status import JobStatus
 from storage.settings import SecretSettingError
 
 POLL_INTERVAL_S = 2.0
 SUBMIT_CHUNK = 100
-LIST_LIMIT = 1000  # the most jobs one `GET /jobs` returns: a chunk must fit in one page
+LIST_LIMIT = 1000  # the most jobs one `GET /jobs` returns: the batch is read a page of this many at a time
 RETRIED_STATUSES = (429, 503)  # a full queue, a quota, a restarting router: wait and send it again
 DEFAULT_RETRY_AFTER_S = 5.0
 MISSING = "missing"  # a job the API no longer lists
@@ -55,54 +60,80 @@ class BatchError(Exception):
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """One `POST /generation/batch`: the API's batch id for its jobs, and their ids in item order."""
+class Line:
+    """A prompt of the file: its line number (from 1) and its fields."""
 
-    batch_id: str
+    number: int
+    fields: GenerationFields
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The batch's jobs, one per line in the file's order, and how many of them an earlier run made;
+    `refused`: (line number, what changed) of each line refused, whose chunk was not submitted."""
+
     job_ids: list[str]
+    existing: int
+    refused: list[tuple[int, str]]
 
 
-def read_items(path: Path) -> list[GenerationFields]:
+def read_items(path: Path) -> list[Line]:
     """Every line validated before anything is submitted; a bad line names itself and its field."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise BatchError(f"cannot read {path}: {error.strerror}") from None
-    items = []
-    for number, line in enumerate(lines, 1):
+    lines = []
+    for number, line in enumerate(text, 1):
         if not line.strip():
             continue
         try:
             fields = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line.strip()}
-            items.append(GenerationFields(**fields))
+            lines.append(Line(number, GenerationFields(**fields)))
         except json.JSONDecodeError as error:
             raise BatchError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         except ValidationError as error:
             first = error.errors()[0]
             raise BatchError(f"{path}:{number}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if not items:
+    if not lines:
         raise BatchError(f"{path} holds no prompts")
-    return items
+    return lines
 
 
-def idempotency_key(batch_id: str, chunk_index: int) -> str:
-    return f"seidra-batch-{batch_id}-chunk-{chunk_index}"
-
-
-def submit(api: SeidraClient, items: list[GenerationFields], priority: int, batch_id: str, chunk_size: int) -> list[Chunk]:
-    """Submit in chunks, waiting out full queues and quotas; a chunk sent before gets its jobs back."""
+def submit(api: SeidraClient, lines: list[Line], priority: int, batch_id: str, chunk_size: int) -> Submitted:
+    """Submit in chunks, each all or none, waiting out full queues and quotas. Each item's index in
+    the batch is its line's place among the prompts: lines that have a job already get it back."""
     from scheduling import tracing
 
-    chunks = []
+    job_ids: list[str] = []
+    existing = 0
+    refused: list[tuple[int, str]] = []
     # Each job gets a trace of its own, linked to this span through the request's traceparent.
     with tracing.tracer().start_as_current_span("seidra.batch", attributes={"seidra.batch_id": batch_id}):
-        for index, start in enumerate(range(0, len(items), chunk_size)):
+        for start in range(0, len(lines), chunk_size):
+            chunk = lines[start : start + chunk_size]
             # The fields each line gave, no more: the service applies its own defaults to the rest.
-            body = {"items": [item.model_dump(exclude_unset=True) for item in items[start : start + chunk_size]]}
-            headers = {"Idempotency-Key": idempotency_key(batch_id, index), **tracing.carrier()}
-            accepted = _post_until_accepted(api, {**body, "priority": priority}, headers)
-            chunks.append(Chunk(str(accepted["batch_id"]), [str(job_id) for job_id in accepted["job_ids"]]))
-    return chunks
+            items = [line.fields.model_dump(exclude_unset=True) for line in chunk]
+            body = {"batch_id": batch_id, "first_index": start, "priority": priority, "items": items}
+            try:
+                accepted = _post_until_accepted(api, body, tracing.carrier())
+            except ApiError as error:
+                if error.status_code != 409:
+                    raise
+                refused += [(chunk[item["index"] - start].number, item["message"]) for item in error.body["changed"]]
+                continue
+            job_ids += [str(job_id) for job_id in accepted["job_ids"]]
+            existing += len(accepted["existing_job_ids"])
+    return Submitted(job_ids, existing, refused)
+
+
+def _refusal(path: Path, batch_id: str, submitted: Submitted, chunk_size: int) -> str:
+    named = "".join(f"\n  {path}:{number}: {change}" for number, change in submitted.refused)
+    return (
+        f"{len(submitted.refused)} line(s) of {path} ask for other images than the jobs an earlier run of batch "
+        f"{batch_id} made for them:{named}\nNothing of their chunks ({chunk_size} lines each) was submitted; the other "
+        "chunks were. Put those lines back as they were, or run the edited file under a new --batch-id."
+    )
 
 
 def _post_until_accepted(api: SeidraClient, body: dict[str, Any], headers: dict[str, str]) -> Any:
@@ -117,52 +148,55 @@ def _post_until_accepted(api: SeidraClient, body: dict[str, Any], headers: dict[
             time.sleep(wait_s)
 
 
-def wait(api: SeidraClient, chunks: list[Chunk], batch_id: str) -> dict[str, dict[str, Any]]:
-    """Every job once it ended, by id; chunks whose jobs have all ended are not asked again.
+def wait(api: SeidraClient, batch_id: str, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Every job once it ended, by id.
 
-    Progress comes from one `GET /jobs?batch_id=` per unfinished chunk (up to 1,000 jobs, one
-    indexed query) every POLL_INTERVAL_S, not from each job's event stream: a batch of 10,000 images
-    would hold 10,000 connections, each polling the router four times a second, to draw one bar of
-    jobs ended.
+    Progress comes from the batch's `GET /jobs?batch_id=`, read a page of 1,000 jobs at a time (each
+    one indexed query), every POLL_INTERVAL_S, not from each job's event stream: a batch of 10,000
+    images would hold 10,000 connections, each polling the router four times a second, to draw one
+    bar of jobs ended.
     """
-    jobs: dict[str, dict[str, Any]] = {}
-    waiting = list(chunks)
-    total = sum(len(chunk.job_ids) for chunk in chunks)
     with StatusLine(sys.stderr) as line:
         while True:
-            waiting = [chunk for chunk in waiting if not _ended(api, chunk, jobs)]
+            listed = _batch_jobs(api, batch_id)
+            jobs = {job_id: listed.get(job_id) or {"id": job_id, "status": MISSING} for job_id in job_ids}
             ended = [job["status"] for job in jobs.values() if _is_terminal(job)]
             counts = ", ".join(f"{ended.count(status)} {status}" for status in sorted(set(ended)))
             line.show(
-                str(len(ended)), f"batch {batch_id}: {bar(len(ended), total, 'ended')}" + (f" ({counts})" if counts else "")
+                str(len(ended)), f"batch {batch_id}: {bar(len(ended), len(jobs), 'ended')}" + (f" ({counts})" if counts else "")
             )
-            if not waiting:
+            if len(ended) == len(jobs):
                 return jobs
             time.sleep(POLL_INTERVAL_S)
 
 
-def _ended(api: SeidraClient, chunk: Chunk, jobs: dict[str, dict[str, Any]]) -> bool:
-    listed = {str(job["id"]): job for job in api.get("/jobs", params={"batch_id": chunk.batch_id, "limit": LIST_LIMIT})}
-    for job_id in chunk.job_ids:
-        jobs[job_id] = listed.get(job_id) or {"id": job_id, "status": MISSING}
-    return all(_is_terminal(jobs[job_id]) for job_id in chunk.job_ids)
+def _batch_jobs(api: SeidraClient, batch_id: str) -> dict[str, dict[str, Any]]:
+    """The batch's jobs by id, page after page."""
+    jobs: dict[str, dict[str, Any]] = {}
+    params: dict[str, Any] = {"batch_id": batch_id, "limit": LIST_LIMIT}
+    while True:
+        page = api.get("/jobs", params=params)
+        jobs.update((str(job["id"]), job) for job in page)
+        if len(page) < LIST_LIMIT:
+            return jobs
+        params["after"] = page[-1]["id"]
 
 
 def _is_terminal(job: dict[str, Any]) -> bool:
     return job["status"] == MISSING or JobStatus(job["status"]).is_terminal
 
 
-def manifest(items: list[GenerationFields], chunks: list[Chunk], jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    job_ids = [job_id for chunk in chunks for job_id in chunk.job_ids]
+def manifest(lines: list[Line], job_ids: list[str], jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "prompt": item.prompt,
+            "line": line.number,
+            "prompt": line.fields.prompt,
             "job_id": job_id,
             "status": jobs[job_id]["status"],
             "result_key": jobs[job_id].get("result_key"),
             "error": jobs[job_id].get("error"),
         }
-        for item, job_id in zip(items, job_ids, strict=True)
+        for line, job_id in zip(lines, job_ids, strict=True)
     ]
 
 
@@ -201,20 +235,24 @@ def run(args: argparse.Namespace) -> int:
     from scheduling import tracing
     from serve_app.cluster import write_private
 
-    items = read_items(args.prompts_file)
+    lines = read_items(args.prompts_file)
     priority = parse_priority(args.priority)
     batch_id = args.batch_id or str(uuid.uuid4())
     key = api_key(args.api_key_file)
     url = api_url(args.url, args.address)
-    print(f"Batch {batch_id}: {len(items)} prompt(s) from {args.prompts_file}, to {url}", flush=True)
+    print(f"Batch {batch_id}: {len(lines)} prompt(s) from {args.prompts_file}, to {url}", flush=True)
 
     tracing.configure("batch")
     with SeidraClient(url, api_key=key) as api:
-        chunks = submit(api, items, priority, batch_id, args.chunk_size)
-        print(f"{len(items)} job(s) queued in {len(chunks)} request(s)", flush=True)
+        submitted = submit(api, lines, priority, batch_id, args.chunk_size)
+        if submitted.refused:
+            raise BatchError(_refusal(args.prompts_file, batch_id, submitted, args.chunk_size))
+        requests = len(range(0, len(lines), args.chunk_size))
+        found = f"; {submitted.existing} made by an earlier run" if submitted.existing else ""
+        print(f"{len(lines) - submitted.existing} job(s) queued in {requests} request(s){found}", flush=True)
         if args.no_wait:
             return 0
-        entries = manifest(items, chunks, wait(api, chunks, batch_id))
+        entries = manifest(lines, submitted.job_ids, wait(api, batch_id, submitted.job_ids))
     counts = {status: sum(1 for e in entries if e["status"] == status) for status in sorted({e["status"] for e in entries})}
     summary: dict[str, Any] = {"batch_id": batch_id, "counts": counts}
     if args.manifest:
@@ -227,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve_app.batch", description=__doc__.splitlines()[0])
     parser.add_argument("prompts_file", type=Path, help="JSON Lines, or plain text with one prompt per line.")
-    parser.add_argument("--batch-id", type=_uuid_text, help="Resume or re-run this batch (default: a new id).")
+    parser.add_argument(
+        "--batch-id", type=_batch_name, help="The batch's name; run again, it makes nothing twice (default: a new UUID)."
+    )
     parser.add_argument("--priority", default=str(DEFAULT_BATCH_PRIORITY), help="0-9 or high/normal/low (default low).")
     parser.add_argument("--url", help="SEIDRA API base URL (default: SEIDRA_API_URL, then the cluster's Serve proxy).")
     parser.add_argument(
@@ -242,16 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _uuid_text(text: str) -> str:
+def _batch_name(text: str) -> str:
     try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+        return batch_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _chunk_size(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {LIST_LIMIT}")
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
 
 

@@ -602,10 +602,12 @@ def _days(text: str) -> float:
 
 
 def _batch_id(text: str) -> str:
+    from storage.batches import batch_name
+
     try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+        return batch_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _port(text: str) -> int:
@@ -695,7 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         help="Ray Jobs API (dashboard) URL (default: RAY_API_SERVER_ADDRESS, `seidra up`'s, then http://127.0.0.1:8265).",
     )
-    batch.add_argument("--batch-id", type=_batch_id, help="Resume or re-run this batch (default: a new id).")
+    batch.add_argument(
+        "--batch-id", type=_batch_id, help="The batch's name; run again, it makes nothing twice (default: a new UUID)."
+    )
     batch.add_argument("--priority", default="low", help="0-9 or high, normal, low (default low).")
     batch.add_argument("--wait", action="store_true", help="Wait for the Ray job and print its logs.")
     batch.add_argument(

@@ -64,13 +64,17 @@ def api_key_from_environment() -> str | None:
 
 
 class ApiError(Exception):
-    """A request that failed: `status_code` is None when SEIDRA could not be reached at all."""
+    """A request that failed: `status_code` is None when SEIDRA could not be reached at all; `body`:
+    the answer's JSON, if it was any."""
 
-    def __init__(self, text: str, status_code: int | None = None, message: str = "", retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, text: str, status_code: int | None = None, message: str = "", retry_after_s: float | None = None, body: Any = None
+    ) -> None:
         super().__init__(text)
         self.status_code = status_code
         self.message = message or text
         self.retry_after_s = retry_after_s
+        self.body = body
 
 
 @dataclass(frozen=True)
@@ -212,21 +216,24 @@ def _until(lines: Iterator[str], deadline: float, late: str) -> Iterator[str]:
 
 
 def _api_error(method: str, path: str, response: httpx.Response) -> ApiError:
-    message = _server_message(response)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = _server_message(response, body)
     hint = f"; {AUTH_HINTS[response.status_code]}" if response.status_code in AUTH_HINTS else ""
     return ApiError(
         f"{method} {path} failed with HTTP {response.status_code}: {message}{hint}",
         status_code=response.status_code,
         message=message,
         retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+        body=body,
     )
 
 
-def _server_message(response: httpx.Response) -> str:
+def _server_message(response: httpx.Response, body: Any) -> str:
     """Our API's one-line `message`, else FastAPI's `detail`, else the start of the body."""
-    try:
-        body = response.json()
-    except ValueError:
+    if body is None:
         return response.text[:300]
     if not isinstance(body, dict):
         return str(body)[:300]

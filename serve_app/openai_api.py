@@ -328,7 +328,7 @@ class OpenAIRoutes:
     _settings: AppSettings
     _jobs: JobStore
     _store: ObjectStore
-    _submit: Callable[[Principal, BaseModel, list[dict[str, Any]], str, str | None, uuid.UUID | None], Awaitable[Submission]]
+    _submit: Callable[[Principal, BaseModel, list[dict[str, Any]], str, str | None, str | None], Awaitable[Submission]]
     _wait: Callable[[uuid.UUID, float], Awaitable[str | None]]
     _image_url: Callable[[uuid.UUID, str], str]
 
@@ -350,7 +350,7 @@ class OpenAIRoutes:
         body answers with the jobs of the first request."""
         self._require_served(request.model)
         jobs = request.to_job_fields()
-        batch_id = uuid.uuid4() if len(jobs) > 1 else None  # one submission: GET /jobs?batch_id= lists its images
+        batch_id = str(uuid.uuid4()) if len(jobs) > 1 else None  # one submission: GET /jobs?batch_id= lists its images
         submission = await self._submit(principal, request, jobs, GENERATIONS_PATH, idempotency_key, batch_id)
         job_ids = [job.id for job in submission.jobs]
         await asyncio.gather(*(self._wait(job_id, LIMITS.wait_timeout_s) for job_id in job_ids))
@@ -389,12 +389,12 @@ def _stored(jobs: JobStore, job_ids: Sequence[uuid.UUID], owner: str) -> list[Ge
     return [jobs.get(job_id, owner=owner) for job_id in job_ids]
 
 
-def _require_completed(jobs: Sequence[GenerationJob], batch_id: uuid.UUID | None) -> None:
+def _require_completed(jobs: Sequence[GenerationJob], batch_id: str | None) -> None:
     """Refuse, naming the jobs, unless every image is made. The jobs stay on record either way, and
     those still running go on: the caller fetches them later rather than submit them again."""
     job_ids = [str(job.id) for job in jobs]
     found_at = f"GET /jobs?batch_id={batch_id}" if batch_id else f"GET /jobs/{job_ids[0]}"
-    where = {"job_ids": job_ids, "batch_id": str(batch_id) if batch_id else None}
+    where = {"job_ids": job_ids, "batch_id": batch_id}
     if any(not JobStatus(job.status).is_terminal for job in jobs):
         message = (
             f"The images were not ready within {LIMITS.wait_timeout_s:g} s (SEIDRA_WAIT_TIMEOUT_S); their jobs go on: "

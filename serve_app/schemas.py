@@ -11,7 +11,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
 
 from scheduling.lanes import (
     DEFAULT_BATCH_PRIORITY,
@@ -22,9 +31,23 @@ from scheduling.lanes import (
 )
 from scheduling.work import GenerationParams
 from serve_app.settings import ApiSettings
+from storage.batches import (
+    DRAWN_SEEDS,
+    NAME_PATTERN,
+    NAME_RULE,
+    BatchConflict,
+    ChangedJob,
+    batch_job_id,
+    batch_name,
+    drawn_seed,
+)
 
 LIMITS = ApiSettings()
 MAX_SEED = 2**63 - 1
+MAX_BATCH_INDEX = 2**31 - 1
+# A 409's message for a batch item changed names this many items, each value this long at most.
+SHOWN_CHANGES = 10
+SHOWN_VALUE_CHARS = 60
 MAX_NAME_CHARS = 128  # a model's or an adapter's name: the width of the job's `model` column
 MAX_LORAS = 8
 MAX_LORA_SCALE = 10.0
@@ -59,6 +82,12 @@ Priority = Annotated[
             ]
         }
     ),
+]
+
+BatchName = Annotated[
+    str,
+    AfterValidator(batch_name),
+    WithJsonSchema({"type": "string", "pattern": f"^{NAME_PATTERN}$", "description": f"A batch name: {NAME_RULE}."}),
 ]
 
 
@@ -116,13 +145,14 @@ class GenerationFields(BaseModel):
             raise ValueError(f"must be a multiple of 8, got {value}")
         return value
 
-    def to_job_fields(self, default_priority: int) -> dict[str, Any]:
-        """What the router stores; a missing seed is drawn here so every job can be reproduced."""
+    def to_job_fields(self, default_priority: int, default_seed: int | None = None) -> dict[str, Any]:
+        """What the router stores; a missing seed is `default_seed`, else drawn here, so every job can
+        be reproduced."""
         fields = self.model_dump()
         fields["priority"] = default_priority if self.priority is None else self.priority
         fields["model"] = self.model or ""  # "": the default, which the API names at submission
         if fields["seed"] is None:
-            fields["seed"] = secrets.randbelow(2**31)
+            fields["seed"] = secrets.randbelow(DRAWN_SEEDS) if default_seed is None else default_seed
         return fields
 
 
@@ -138,9 +168,24 @@ class BatchRequest(BaseModel):
     priority: Priority = Field(
         DEFAULT_BATCH_PRIORITY, description=f"Default for items without their own: {PRIORITY_HELP}. {PRIORITY_NUMBER}"
     )
+    batch_id: BatchName | None = Field(
+        None,
+        description=f"The batch's name, the caller's own ({NAME_RULE}); default: a new UUID. Its items submitted again "
+        "under it are the jobs they made the first time: nothing is made twice, and an item that asks for "
+        "another image than its job is refused (409).",
+    )
+    first_index: int = Field(
+        0, ge=0, le=MAX_BATCH_INDEX, description="The index in the batch of the first item, for a batch sent in several requests."
+    )
 
-    def to_job_fields(self) -> list[dict[str, Any]]:
-        return [item.to_job_fields(self.priority) for item in self.items]
+    def to_job_fields(self, owner: str, name: str) -> list[dict[str, Any]]:
+        """Each item's job, its id derived from `owner`'s batch `name` and the item's index, and so is a
+        seed it left out: an item submitted again is the same job, asking for the same image."""
+        jobs = []
+        for index, item in enumerate(self.items, self.first_index):
+            job_id = batch_job_id(owner, name, index)
+            jobs.append({**item.to_job_fields(self.priority, drawn_seed(job_id)), "id": job_id})
+        return jobs
 
 
 # The generation fields of a job as the API shows them: GenerationParams' own, as they are stored.
@@ -160,7 +205,7 @@ class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built
     status: str
     lane: str
     priority: int
-    batch_id: uuid.UUID | None
+    batch_id: str | None
     metadata: dict[str, Any]
     error: str | None
     attempts: int
@@ -182,9 +227,49 @@ class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built
 
 
 class BatchAccepted(BaseModel):
-    batch_id: uuid.UUID
+    batch_id: str
     job_ids: list[uuid.UUID]
     jobs: list[JobView]
+    existing_job_ids: list[uuid.UUID] = Field(
+        description="Those of `job_ids` stored before this request (items of the batch submitted again, a repeated "
+        "`Idempotency-Key`): shown as they are, not made again."
+    )
+
+
+class ChangedItem(BaseModel):
+    index: int = Field(description="The item's index in the batch (`first_index` + its position in `items`).")
+    job_id: uuid.UUID = Field(description="The job stored for it already.")
+    fields: list[str] = Field(description="The fields in which the item differs from its job.")
+    message: str = Field(description="What each of them was, and is now (long values shortened).")
+
+    @classmethod
+    def of(cls, job: ChangedJob, index: int) -> ChangedItem:
+        message = "; ".join(f"{field} was {_shown(was)}, now {_shown(now)}" for field, (was, now) in job.changes.items())
+        return cls(index=index, job_id=job.job_id, fields=list(job.changes), message=message)
+
+
+class BatchConflictBody(BaseModel):
+    """409 from `/generation/batch`: items that ask for other images than their jobs stored already."""
+
+    detail: str
+    changed: list[ChangedItem]
+
+    @classmethod
+    def of(cls, conflict: BatchConflict, name: str, indexes: dict[uuid.UUID, int]) -> BatchConflictBody:
+        """`indexes`: each job id's item index."""
+        changed = sorted((ChangedItem.of(job, indexes[job.job_id]) for job in conflict.changed), key=lambda item: item.index)
+        named = "; ".join(f"item {item.index}: {item.message}" for item in changed[:SHOWN_CHANGES])
+        more = f"; and {len(changed) - SHOWN_CHANGES} more" if len(changed) > SHOWN_CHANGES else ""
+        detail = (
+            f"batch {name}: {len(changed)} item(s) ask for other images than their jobs stored already, and nothing "
+            f"of this request was stored ({named}{more}). Send them as they were, or under another batch name."
+        )
+        return cls(detail=detail, changed=changed)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else f"{text[: SHOWN_VALUE_CHARS - 3]}..."
 
 
 class MaintenanceRequest(BaseModel):

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Session, col, select
 
+from storage.batches import BatchConflict, ChangedJob, image_changes
 from storage.database import for_writes, get_engine
 from storage.job_status import IllegalTransition, JobStatus, check_transition
 from storage.models import GenerationJob, IdempotencyKey, utcnow
@@ -56,16 +57,26 @@ class IdempotencyClaim:
     owner: str
     key: str
     request_hash: str
-    batch_id: uuid.UUID | None
+    batch_id: str | None
 
 
 @dataclass(frozen=True)
 class Submission:
-    """What `JobStore.submit` stored (created) or, for a repeated request, what the first one stored."""
+    """What `JobStore.submit` answered: the request's jobs as stored, in its order, and `found`, the
+    ids of those stored before it (all of them for a repeated key; a batch's items submitted again)."""
 
     jobs: list[GenerationJob]
-    created: bool
-    batch_id: uuid.UUID | None
+    batch_id: str | None
+    found: frozenset[uuid.UUID] = frozenset()
+
+    @property
+    def new(self) -> list[GenerationJob]:
+        """The jobs this request stored."""
+        return [job for job in self.jobs if job.id not in self.found]
+
+    @property
+    def created(self) -> bool:
+        return bool(self.new)
 
 
 @overload
@@ -95,7 +106,7 @@ def _statuses(from_status: JobStatus | Collection[JobStatus]) -> frozenset[JobSt
     return frozenset({from_status}) if isinstance(from_status, JobStatus) else frozenset(from_status)
 
 
-def _shared_batch_id(jobs: Sequence[GenerationJob]) -> uuid.UUID | None:
+def _shared_batch_id(jobs: Sequence[GenerationJob]) -> str | None:
     batch_ids = {job.batch_id for job in jobs}
     return batch_ids.pop() if len(batch_ids) == 1 else None
 
@@ -104,6 +115,16 @@ def _by_ids(session: Session, query: Any, job_ids: Collection[uuid.UUID | str]) 
     """`query`'s rows for `job_ids`, one IN list per chunk of ids."""
     ids = sorted({_uuid(job_id) for job_id in job_ids})
     return [row for chunk in _chunks(ids) for row in session.exec(query.where(col(GenerationJob.id).in_(chunk)))]
+
+
+def _found(session: Session, jobs: Sequence[GenerationJob]) -> dict[uuid.UUID, GenerationJob]:
+    """Those of `jobs` whose id is stored already, as stored, by id; BatchConflict naming those
+    stored asking for another image."""
+    found = {job.id: job for job in _by_ids(session, select(GenerationJob), [job.id for job in jobs])}
+    changed = [ChangedJob(job.id, changes) for job in jobs if job.id in found and (changes := image_changes(found[job.id], job))]
+    if changed:
+        raise BatchConflict(changed)
+    return found
 
 
 def _owned_by(owner: str | None) -> tuple[sa.ColumnElement[bool], ...]:
@@ -150,23 +171,29 @@ class JobStore:
     def submit(self, jobs: Sequence[GenerationJob], idempotency: IdempotencyClaim | None = None) -> Submission:
         """Insert `jobs` in one transaction, all or none; with a claim, once per (owner, key).
 
+        A job whose id is stored already (a batch's item submitted again) is not inserted: it is
+        answered as stored if it asks for the same image, and BatchConflict names it if not; then
+        nothing is stored.
+
         A claim whose key is stored already returns the jobs stored with it (as they are now, in
-        their submission order; any deleted since are left out) with created=False, if it comes
+        their submission order; any deleted since are left out), all of them `found`, if it comes
         with the same request hash, and raises IdempotencyMismatch if not. `batch_id` is the
         claim's (the stored one's on a repeat); without a claim, the batch all the jobs share.
         """
-        if idempotency is None:
-            return Submission(self.add_all(jobs), created=True, batch_id=_shared_batch_id(jobs))
         try:
-            return self._claim(jobs, idempotency)
+            return self._submit(jobs, idempotency)
         except sa.exc.IntegrityError:
-            # On PostgreSQL a concurrent submission can store the key between our look-up and our
-            # insert (SQLite's writers take turns): its jobs are the answer.
-            with self._session() as session:
-                stored = session.get(IdempotencyKey, (idempotency.owner, idempotency.key))
-                if stored is None:
-                    raise  # not the key's constraint: a job id already taken
-                return self._repeat(session, stored, idempotency)
+            # On PostgreSQL a concurrent submission can store the key, or the same batch items,
+            # between our look-ups and our inserts (SQLite's writers take turns); it has committed
+            # now, so looking again finds what it stored. Any other violation fails again.
+            return self._submit(jobs, idempotency)
+
+    def stored_already(self, jobs: Sequence[GenerationJob]) -> frozenset[uuid.UUID]:
+        """The ids of those of `jobs` stored already, which `submit` would not insert, without
+        writing; BatchConflict as `submit` raises it. Lets a batch submitted again ask room and
+        quota for its new items alone."""
+        with self._session() as session:
+            return frozenset(_found(session, jobs))
 
     def replay(self, claim: IdempotencyClaim) -> Submission | None:
         """What `submit` would answer for a claim whose key is stored already, without writing; None
@@ -175,28 +202,30 @@ class JobStore:
             stored = session.get(IdempotencyKey, (claim.owner, claim.key))
             return None if stored is None else self._repeat(session, stored, claim)
 
-    def _claim(self, jobs: Sequence[GenerationJob], claim: IdempotencyClaim) -> Submission:
+    def _submit(self, jobs: Sequence[GenerationJob], claim: IdempotencyClaim | None) -> Submission:
         with self._write_session() as session:
-            stored = session.get(IdempotencyKey, (claim.owner, claim.key))
-            if stored is not None:
+            if claim is not None and (stored := session.get(IdempotencyKey, (claim.owner, claim.key))) is not None:
                 return self._repeat(session, stored, claim)
-            job_ids = [str(job.id) for job in jobs]
-            key = IdempotencyKey(
-                owner=claim.owner, key=claim.key, request_hash=claim.request_hash, job_ids=job_ids, batch_id=claim.batch_id
-            )
-            # The key goes in first, so a concurrent claimant stops at it before writing any job.
-            session.add(key)
-            session.flush()
-            session.add_all(jobs)
+            found = _found(session, jobs)
+            if claim is not None:
+                job_ids = [str(job.id) for job in jobs]
+                key = IdempotencyKey(
+                    owner=claim.owner, key=claim.key, request_hash=claim.request_hash, job_ids=job_ids, batch_id=claim.batch_id
+                )
+                # The key goes in first, so a concurrent claimant stops at it before writing any job.
+                session.add(key)
+                session.flush()
+            session.add_all([job for job in jobs if job.id not in found])
             session.commit()
-        return Submission(list(jobs), created=True, batch_id=claim.batch_id)
+        batch_id = _shared_batch_id(jobs) if claim is None else claim.batch_id
+        return Submission([found.get(job.id, job) for job in jobs], batch_id, frozenset(found))
 
     def _repeat(self, session: Session, stored: IdempotencyKey, claim: IdempotencyClaim) -> Submission:
         if stored.request_hash != claim.request_hash:
             raise IdempotencyMismatch(claim.key)
         found = {str(job.id): job for job in _by_ids(session, select(GenerationJob), stored.job_ids)}
         jobs = [found[job_id] for job_id in stored.job_ids if job_id in found]
-        return Submission(jobs, created=False, batch_id=stored.batch_id)
+        return Submission(jobs, stored.batch_id, frozenset(job.id for job in jobs))
 
     def delete_idempotency_keys(self, older_than: datetime) -> int:
         """Forget the keys stored before `older_than`; a request repeated later creates new jobs."""
@@ -230,8 +259,8 @@ class JobStore:
             rows = session.exec(_STATUS_VIEW.where(col(GenerationJob.status).in_(UNFINISHED))).all()
         return {str(job_id): (status, as_utc(updated_at)) for job_id, status, updated_at in rows}
 
-    def for_batch(self, batch_id: uuid.UUID | str, *, owner: str | None = None) -> list[GenerationJob]:
-        query = select(GenerationJob).where(GenerationJob.batch_id == _uuid(batch_id), *_owned_by(owner))
+    def for_batch(self, batch_id: str, *, owner: str | None = None) -> list[GenerationJob]:
+        query = select(GenerationJob).where(GenerationJob.batch_id == batch_id, *_owned_by(owner))
         with self._session() as session:
             return list(session.exec(query))
 
@@ -339,12 +368,24 @@ class JobStore:
         *,
         status: JobStatus | None = None,
         lane: str | None = None,
-        batch_id: uuid.UUID | None = None,
+        batch_id: str | None = None,
         owner: str | None = None,
+        after: uuid.UUID | None = None,
         limit: int = 50,
     ) -> list[GenerationJob]:
-        """The newest jobs first; each filter given narrows the list (`owner`: that user's jobs only)."""
+        """The newest jobs first; each filter given narrows the list (`owner`: that user's jobs only).
+
+        `after`: the next page, the jobs that come after that one (the last of the page before)
+        in the listing's order; none when it is not one of `owner`'s jobs.
+        """
         query = select(GenerationJob).where(*_owned_by(owner))
+        if after is not None:
+            # Keyset paging: read from where that job stands in the index, not through the pages before.
+            anchor = select(GenerationJob.created_at).where(GenerationJob.id == after, *_owned_by(owner)).scalar_subquery()
+            query = query.where(
+                col(GenerationJob.created_at) <= anchor,
+                sa.or_(col(GenerationJob.created_at) < anchor, col(GenerationJob.id) > after),
+            )
         if status is not None:
             query = query.where(GenerationJob.status == status.value)
         if lane is not None:

@@ -46,7 +46,8 @@ class GenerationJob(SQLModel, table=True):
     status: str = Field(default=JobStatus.PENDING.value, max_length=16)
     lane: str = Field(max_length=16)
     priority: int
-    batch_id: uuid.UUID | None = None
+    # The batch's name (storage.batches), per owner; a UUID's is its canonical text.
+    batch_id: str | None = Field(default=None, max_length=64)
     # The API key's user who submitted it; '' (jobs from before API keys): admins alone see it.
     owner: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
 
@@ -105,7 +106,7 @@ class IdempotencyKey(SQLModel, table=True):
     key: str = Field(max_length=255, primary_key=True)
     request_hash: str = Field(max_length=64)  # sha256 hex of the request body
     job_ids: list[str] = Field(sa_column=sa.Column(JSON_DOCUMENT, nullable=False))
-    batch_id: uuid.UUID | None = None
+    batch_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False, index=True)
 
 

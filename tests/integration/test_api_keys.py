@@ -213,7 +213,7 @@ def test_another_owners_job_is_not_found_like_a_missing_one(store: JobStore) -> 
 
 
 def test_listings_and_counts_narrowed_to_an_owner(store: JobStore) -> None:
-    batch_id = uuid.uuid4()
+    batch_id = "nightly"
     jobs = store.add_all(
         [
             new_job(8, owner="alice", batch_id=batch_id),
@@ -294,7 +294,7 @@ def test_migration_0003_gives_earlier_rows_no_owner(database_url: str) -> None:
     job = new_job(owner="ignored: the column does not exist yet")
     insert_into_older_schema(database_url, job, Notification(job_id=job.id, level="info", message="before"))
     upgrade(database_url)
-    assert current_revision(database_url) == "0004"
+    assert current_revision(database_url) == "0005"
     assert schema_differences(database_url) == []
 
     store = JobStore(database_url)

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.batch import idempotency_key, manifest, read_items, submit, wait
 from serve_app.batch import main as batch_main
+from serve_app.batch import manifest, read_items, submit, wait
 from serve_app.cli import batch_entrypoint
 from serve_app.client import SeidraClient
 from tests.ray_app import RunningApp
@@ -66,7 +66,7 @@ def test_a_batch_file_runs_as_a_ray_job_and_a_second_submission_creates_nothing(
     key, keys = key_file(app, tmp_path, user)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(line) for line in KITES) + "\n")
-    batch_id = str(uuid.uuid4())
+    batch_id = f"kites-{uuid.uuid4().hex[:8]}"
     written = tmp_path / "out" / "manifest.json"
     arguments = f"python -m serve_app.batch prompts.jsonl --batch-id {batch_id} --api-key-file {keys}"
 
@@ -75,7 +75,9 @@ def test_a_batch_file_runs_as_a_ray_job_and_a_second_submission_creates_nothing(
     assert f"batch {batch_id}" in logs and "3/3" in logs  # the progress bar
     result = summary(logs)
     assert result["counts"] == {"completed": 3}
-    assert [entry["prompt"] for entry in result["manifest"]] == ["a red kite", "a blue kite", "a green kite"]
+    assert [(entry["line"], entry["prompt"]) for entry in result["manifest"]] == [
+        (1, "a red kite"), (2, "a blue kite"), (3, "a green kite"),
+    ]  # fmt: skip
     assert json.loads(written.read_text()) == result["manifest"]
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
     assert all(app.media.exists(entry["result_key"]) for entry in result["manifest"])
@@ -85,15 +87,17 @@ def test_a_batch_file_runs_as_a_ray_job_and_a_second_submission_creates_nothing(
             ("batch", 8, False), ("batch", 8, True),
         }  # fmt: skip
 
-        again = summary(run_ray_job(app, tmp_path, arguments, key))
-        assert [entry["job_id"] for entry in again["manifest"]] == [entry["job_id"] for entry in result["manifest"]]
+        logs = run_ray_job(app, tmp_path, arguments, key)
+        assert "0 job(s) queued in 1 request(s); 3 made by an earlier run" in logs
+        assert [entry["job_id"] for entry in summary(logs)["manifest"]] == [entry["job_id"] for entry in result["manifest"]]
         assert len(own.get("/jobs", params={"limit": 1000}).json()) == 3  # the user's own: nothing made twice
+        assert {job["id"] for job in own.get("/jobs", params={"batch_id": batch_id}).json()} == {job["id"] for job in jobs}
 
 
 def test_plain_text_prompts_and_bad_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = tmp_path / "prompts.txt"
     text.write_text("a lighthouse\n\na fox in the snow\n")
-    assert [item.prompt for item in read_items(text)] == ["a lighthouse", "a fox in the snow"]
+    assert [(line.number, line.fields.prompt) for line in read_items(text)] == [(1, "a lighthouse"), (3, "a fox in the snow")]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "x", "width": 100}\n')
@@ -101,37 +105,47 @@ def test_plain_text_prompts_and_bad_lines(tmp_path: Path, capsys: pytest.Capture
     assert capsys.readouterr().err.strip() == f"batch: error: {bad}:2: width: Value error, must be a multiple of 8, got 100"
 
 
-def test_chunks_carry_keys_of_the_batch_and_wait_out_full_queues(tmp_path: Path) -> None:
-    """Against canned answers: one Idempotency-Key per chunk, the same when a 429 is retried; jobs
-    are matched to lines by the order of each chunk's `job_ids`."""
-    sent: list[tuple[str, list[str]]] = []
+def test_chunks_carry_the_name_and_their_first_index_and_the_wait_reads_every_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against canned answers: each chunk names the batch and its first item's index, the same when a
+    429 is retried; jobs are matched to lines by the order of each chunk's `job_ids`; the wait reads
+    the batch's listing page after page."""
+    monkeypatch.setattr("serve_app.batch.LIST_LIMIT", 2)
+    sent: list[tuple[str, int, list[str]]] = []
+    pages: list[str | None] = []
     answers = iter([httpx.Response(429, json={"detail": "the batch lane is full"}, headers={"Retry-After": "0"})])
+    listed = [{"id": f"{p}-job", "status": "completed", "result_key": f"{p}.png"} for p in ("three", "two", "one")]
 
     def api(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
-            prompts = [item["prompt"] for item in json.loads(request.content)["items"]]
-            sent.append((request.headers["Idempotency-Key"], prompts))
+            body = json.loads(request.content)
+            prompts = [item["prompt"] for item in body["items"]]
+            sent.append((body["batch_id"], body["first_index"], prompts))
             refusal = next(answers, None)
             if refusal is not None:
                 return refusal
-            chunk = len(sent)
-            return httpx.Response(202, json={"batch_id": f"b{chunk}", "job_ids": [f"{p}-job" for p in prompts], "jobs": []})
-        chunk_prompts = {f"b{index}": prompts for index, (_key, prompts) in enumerate(sent, 1)}
-        listed = chunk_prompts[request.url.params["batch_id"]]
-        return httpx.Response(200, json=[{"id": f"{p}-job", "status": "completed", "result_key": f"{p}.png"} for p in listed])
+            job_ids = [f"{p}-job" for p in prompts]
+            return httpx.Response(202, json={"batch_id": "B", "job_ids": job_ids, "jobs": [], "existing_job_ids": []})
+        assert request.url.params["batch_id"] == "B"
+        after = request.url.params.get("after")
+        pages.append(after)
+        start = 0 if after is None else [job["id"] for job in listed].index(after) + 1
+        return httpx.Response(200, json=listed[start : start + 2])
 
-    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
-    items = read_items(tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_text("one\n\ntwo\nthree\n")
+    lines = read_items(tmp_path / "p.txt")
     with SeidraClient("http://seidra.test", transport=httpx.MockTransport(api), sleep=lambda _s: None) as client:
-        chunks = submit(client, items, 8, "B", chunk_size=2)
-        entries = manifest(items, chunks, wait(client, chunks, "B"))
+        submitted = submit(client, lines, 8, "B", chunk_size=2)
+        entries = manifest(lines, submitted.job_ids, wait(client, "B", submitted.job_ids))
     assert sent == [
-        (idempotency_key("B", 0), ["one", "two"]),  # refused with 429, then sent again with the same key
-        (idempotency_key("B", 0), ["one", "two"]),
-        (idempotency_key("B", 1), ["three"]),
+        ("B", 0, ["one", "two"]),  # refused with 429, then sent again as it was
+        ("B", 0, ["one", "two"]),
+        ("B", 2, ["three"]),
     ]
-    assert [(e["prompt"], e["job_id"], e["result_key"]) for e in entries] == [
-        ("one", "one-job", "one.png"), ("two", "two-job", "two.png"), ("three", "three-job", "three.png"),
+    assert pages == [None, "two-job"]
+    assert [(e["line"], e["prompt"], e["job_id"], e["result_key"]) for e in entries] == [
+        (1, "one", "one-job", "one.png"), (3, "two", "two-job", "two.png"), (4, "three", "three-job", "three.png"),
     ]  # fmt: skip
 
 
@@ -174,9 +188,10 @@ def test_seidra_batch_wraps_the_jobs_api(app: RunningApp, tmp_path: Path, capsys
     key, keys = key_file(app, tmp_path, f"cli-{uuid.uuid4().hex[:8]}")
     prompts = tmp_path / "a b $(touch x).txt"  # one argument, and nothing run
     prompts.write_text("a paper lantern\n")
-    assert seidra(["batch", str(prompts), "--address", app.dashboard_url, "--api-key-file", str(keys), "--wait"]) == 0
+    arguments = ["--address", app.dashboard_url, "--api-key-file", str(keys), "--batch-id", "lanterns.v2"]
+    assert seidra(["batch", str(prompts), *arguments, "--wait"]) == 0
     out = capsys.readouterr().out
-    assert "submitted as Ray job" in out and "ray job logs -f" in out
+    assert "Batch lanterns.v2 (1 prompt(s)) submitted as Ray job" in out and "ray job logs -f" in out
     assert '"completed": 1' in out and '"prompt": "a paper lantern"' in out
     assert key not in out
 
@@ -193,12 +208,13 @@ def test_scripts_submit_batch_uses_plain_ray_job_submit(app: RunningApp, tmp_pat
     script = Path(__file__).parents[2] / "scripts" / "submit-batch.sh"
     done = subprocess.run(
         # A key file relative to here: the script makes it absolute for the driver's own working dir.
-        [str(script), prompts.name, "--api-key-file", _keys.name],
+        [str(script), prompts.name, "--api-key-file", _keys.name, "--batch-id", "groceries-2026-12-01"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "RAY_API_SERVER_ADDRESS": app.dashboard_url},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert '"completed": 2' in done.stdout and key not in done.stdout + done.stderr
+    assert '"batch_id": "groceries-2026-12-01"' in done.stdout
 
 
 def test_the_operators_ray_commands(app: RunningApp, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel
 
+from storage.batches import BatchConflict, ChangedJob, batch_job_id
 from storage.database import alembic_config, current_revision, get_engine, upgrade
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import (
@@ -72,7 +73,7 @@ def new_job(priority: int = 2, **overrides: object) -> GenerationJob:
     return GenerationJob(priority=priority, lane="realtime" if priority <= 4 else "batch", **{**fields, **overrides})
 
 
-def claim(key: str = "key-1", body: str = "request", owner: str = "", batch_id: uuid.UUID | None = None) -> IdempotencyClaim:
+def claim(key: str = "key-1", body: str = "request", owner: str = "", batch_id: str | None = None) -> IdempotencyClaim:
     return IdempotencyClaim(owner, key, hashlib.sha256(body.encode()).hexdigest(), batch_id)
 
 
@@ -99,15 +100,23 @@ def schema_differences(database_url: str) -> list[Any]:
         return compare_metadata(context, SQLModel.metadata) + ([] if stored == modelled else [("indexes", stored, modelled)])
 
 
+# (revision, column, its type before that revision): batch ids were UUIDs before they were names.
+RETYPED_COLUMNS: list[tuple[str, str, sa.types.TypeEngine[Any]]] = [("0005", "batch_id", sa.Uuid())]
+
+
 def insert_into_older_schema(database_url: str, *rows: SQLModel) -> None:
-    """Insert model rows into a schema at an older revision: only the columns it has are written."""
+    """Insert model rows into a schema at an older revision: only the columns it has are written,
+    each as that revision typed it."""
+    at = current_revision(database_url)
+    retyped = {name: kind for revision, name, kind in RETYPED_COLUMNS if at is not None and at < revision}
     with get_engine(database_url).begin() as connection:
         for row in rows:
             table = type(row).__table__  # type: ignore[attr-defined]
             present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
             values = {prop.columns[0].name: getattr(row, prop.key) for prop in sa.inspect(type(row)).column_attrs}
+            typed = {name: retyped.get(name, table.c[name].type) for name in values}
             # A bare table clause: no column defaults of the models' to fill in the columns left out.
-            older = sa.table(table.name, *(sa.column(name, table.c[name].type) for name in values if name in present))
+            older = sa.table(table.name, *(sa.column(name, typed[name]) for name in values if name in present))
             connection.execute(sa.insert(older).values({column.name: values[column.name] for column in older.c}))
 
 
@@ -135,7 +144,7 @@ def statements(database_url: str) -> Iterator[list[tuple[str, Any, bool]]]:
 def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
     upgrade(database_url)
     upgrade(database_url)  # idempotent: `seidra up` runs it every time
-    assert current_revision(database_url) == "0004"
+    assert current_revision(database_url) == "0005"
     assert schema_differences(database_url) == []
 
 
@@ -185,6 +194,33 @@ def test_migration_0004_gives_earlier_jobs_the_default_model_and_no_adapters(dat
     upgrade(database_url)
     assert schema_differences(database_url) == []
     assert {j.id: (j.model, j.loras) for j in store.list()} == {job.id: ("", []), chosen.id: ("", [])}
+
+
+def test_migration_0005_keeps_each_jobs_batch_as_its_uuid_text(database_url: str) -> None:
+    upgrade(database_url, "0004")
+    batch = uuid.uuid4()
+    job, loose = new_job(8, batch_id=batch), new_job()
+    key = IdempotencyKey(owner="ann", key="k", request_hash="h", job_ids=[str(job.id)], batch_id=batch)
+    insert_into_older_schema(database_url, job, loose, key)
+    upgrade(database_url)
+    assert schema_differences(database_url) == []  # the DESC of the batch index included
+    store = JobStore(database_url)
+    assert ([j.id for j in store.list(batch_id=str(batch))], store.get(loose.id).batch_id) == ([job.id], None)
+    with get_engine(database_url).connect() as connection:
+        assert connection.execute(sa.select(IdempotencyKey.batch_id)).scalar_one() == str(batch)
+
+    [named] = store.add_all([new_job(8, owner="ann", batch_id="nightly-2026-12-01")])
+    command.downgrade(alembic_config(database_url), "0004")
+    with get_engine(database_url).connect() as connection:
+        jobs = sa.table("generation_jobs", sa.column("id", sa.Uuid()), sa.column("batch_id", sa.Uuid()))
+        downgraded = dict(connection.execute(sa.select(jobs.c.id, jobs.c.batch_id)).all())
+    assert (downgraded[job.id], downgraded[loose.id]) == (batch, None)
+    assert isinstance(downgraded[named.id], uuid.UUID)  # a name becomes a UUID of its own, its batch whole
+
+    upgrade(database_url)
+    assert schema_differences(database_url) == []
+    assert [j.id for j in store.list(batch_id=str(batch))] == [job.id]
+    assert [j.id for j in store.list(batch_id=str(downgraded[named.id]))] == [named.id]
 
 
 def test_sqlite_migrations_run_without_foreign_keys_then_restore_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,13 +323,14 @@ def test_get_many_in_dispatch_order(store: JobStore, database_url: str) -> None:
 
 
 def test_submit_stores_jobs_once_per_key(store: JobStore) -> None:
-    batch_id = uuid.uuid4()
+    batch_id = "nightly"
     first = store.submit([new_job(batch_id=batch_id), new_job(batch_id=batch_id)], claim(batch_id=batch_id))
-    assert (first.created, first.batch_id) == (True, batch_id)
+    assert (first.created, first.batch_id, first.found) == (True, batch_id, frozenset())
     store.transition(first.jobs[1].id, JobStatus.RUNNING)
 
-    again = store.submit([new_job(), new_job(), new_job()], claim(batch_id=uuid.uuid4()))
+    again = store.submit([new_job(), new_job(), new_job()], claim(batch_id="another"))
     assert (again.created, again.batch_id, ids(again.jobs)) == (False, batch_id, ids(first.jobs))
+    assert (again.found, again.new) == ({job.id for job in first.jobs}, [])
     assert [job.status for job in again.jobs] == ["pending", "running"]  # as stored now
     assert store.count_by_status() == {"pending": 1, "running": 1}
 
@@ -307,7 +344,7 @@ def test_submit_stores_jobs_once_per_key(store: JobStore) -> None:
 
 
 def test_submit_without_a_key(store: JobStore) -> None:
-    batch_id = uuid.uuid4()
+    batch_id = str(uuid.uuid4())
     submission = store.submit([new_job(batch_id=batch_id), new_job(batch_id=batch_id)])
     assert (submission.created, submission.batch_id) == (True, batch_id)
     assert store.submit([new_job(), new_job(batch_id=batch_id)]).batch_id is None
@@ -315,15 +352,60 @@ def test_submit_without_a_key(store: JobStore) -> None:
 
 
 def test_submit_is_all_or_nothing(store: JobStore, database_url: str) -> None:
-    [taken] = store.add_all([new_job()])
-    clash = new_job()
-    clash.id = taken.id
+    store.add_all([new_job()])
     with pytest.raises(sa.exc.IntegrityError):
-        store.submit([new_job(), clash], claim())
+        store.submit([new_job(), new_job(prompt=None)], claim())  # one job the table refuses
     with get_engine(database_url).connect() as connection:
         assert connection.execute(sa.select(sa.func.count()).select_from(IdempotencyKey)).scalar_one() == 0
     assert store.count_by_status() == {"pending": 1}
     assert store.submit([new_job()], claim()).created  # the key was not spent
+
+
+def batch_jobs(owner: str, name: str, *prompts: str, priority: int = 8) -> list[GenerationJob]:
+    """The jobs of items 0, 1, ... of `owner`'s batch `name`, under the ids the API gives them."""
+    return [
+        new_job(priority, id=batch_job_id(owner, name, index), owner=owner, batch_id=name, prompt=prompt)
+        for index, prompt in enumerate(prompts)
+    ]
+
+
+def test_a_batch_submitted_again_stores_only_its_new_items(store: JobStore) -> None:
+    first = store.submit(batch_jobs("ann", "nightly", "a kite", "a fox"))
+    store.transition(first.jobs[0].id, JobStatus.RUNNING)
+
+    # A retry raises a job's priority (and lane): neither is compared, as neither changes the image.
+    again = store.submit(batch_jobs("ann", "nightly", "a kite", "a fox", "an owl", priority=2))
+    assert (again.created, again.batch_id, again.found) == (True, "nightly", {job.id for job in first.jobs})
+    assert ids(again.jobs) == [*ids(first.jobs), str(batch_job_id("ann", "nightly", 2))]
+    assert [(job.prompt, job.status, job.priority) for job in again.jobs] == [
+        ("a kite", "running", 8), ("a fox", "pending", 8), ("an owl", "pending", 2),
+    ]  # fmt: skip
+    assert [job.prompt for job in again.new] == ["an owl"]
+
+    same = store.submit(batch_jobs("ann", "nightly", "a kite"), claim("k", batch_id="nightly"))
+    assert (same.created, ids(same.jobs)) == (False, ids(first.jobs[:1]))
+    assert store.count_by_status() == {"running": 1, "pending": 2}
+    assert store.submit(batch_jobs("bob", "nightly", "a kite")).created  # names are per owner
+
+
+def test_an_item_that_asks_for_another_image_than_its_job_refuses_the_submission(store: JobStore, database_url: str) -> None:
+    [kite, fox] = store.submit(batch_jobs("ann", "nightly", "a kite", "a fox")).jobs
+    edited = batch_jobs("ann", "nightly", "a kite", "a red fox", "an owl")
+    edited[0].seed = 7
+    for attempt in (lambda: store.submit(edited, claim("k")), lambda: store.stored_already(edited)):
+        with pytest.raises(BatchConflict) as refused:
+            attempt()
+        assert refused.value.changed == [
+            ChangedJob(kite.id, {"seed": (1, 7)}),
+            ChangedJob(fox.id, {"prompt": ("a fox", "a red fox")}),
+        ]
+    crossed = pickle.loads(pickle.dumps(refused.value))  # as it comes back from a Ray actor
+    assert (type(crossed), crossed.changed, str(crossed)) == (BatchConflict, refused.value.changed, str(refused.value))
+
+    assert sorted(job.prompt for job in store.list()) == ["a fox", "a kite"]  # no owl: nothing of it was stored
+    with get_engine(database_url).connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(IdempotencyKey)).scalar_one() == 0
+    assert store.stored_already(batch_jobs("ann", "nightly", "a kite", "a fox", "an owl")) == {kite.id, fox.id}
 
 
 def test_old_idempotency_keys_are_deleted(store: JobStore, database_url: str) -> None:
@@ -404,6 +486,10 @@ NEWEST_FIRST_LISTINGS: dict[str, tuple[Callable[[JobStore, NotificationService, 
     "jobs by status": (lambda jobs, _, job: jobs.list(status=JobStatus.PENDING), "ix_generation_jobs_status_created_at_id"),
     "jobs by lane": (lambda jobs, _, job: jobs.list(lane="batch"), "ix_generation_jobs_lane_created_at_id"),
     "jobs by batch": (lambda jobs, _, job: jobs.list(batch_id=job.batch_id), "ix_generation_jobs_batch_id_created_at_id"),
+    "jobs by batch, a next page": (
+        lambda jobs, _, job: jobs.list(batch_id=job.batch_id, after=job.id),
+        "ix_generation_jobs_batch_id_created_at_id",
+    ),
     "notifications": (lambda _, notes, job: notes.list(), "ix_notifications_created_at_id"),
     "notifications by job": (lambda _, notes, job: notes.list(job_id=job.id), "ix_notifications_job_id_created_at_id"),
     "notifications by level": (lambda _, notes, job: notes.list(level=Level.INFO), "ix_notifications_level_created_at_id"),
@@ -414,7 +500,7 @@ NEWEST_FIRST_LISTINGS: dict[str, tuple[Callable[[JobStore, NotificationService, 
 def test_newest_first_listings_read_an_index_in_order(store: JobStore, database_url: str, listing: str) -> None:
     # Filters as selective as they would be in production: one job in ten is waiting, is a batch
     # job, belongs to the batch, gets an `info` notification.
-    batch_id = uuid.uuid4()
+    batch_id = "nightly-2026-12-01"
     jobs = store.add_all(
         [new_job(8, status="pending", batch_id=batch_id) if n % 10 == 1 else new_job(2, status="completed") for n in range(300)]
     )
@@ -430,6 +516,20 @@ def test_newest_first_listings_read_an_index_in_order(store: JobStore, database_
     plan = query_plan(database_url, sql, parameters)
     assert index in plan
     assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan  # the index gives the order
+
+
+def test_pages_of_a_listing_follow_each_other(store: JobStore) -> None:
+    moments = [datetime(2026, 12, 1, tzinfo=timezone.utc) + timedelta(seconds=n // 3) for n in range(8)]  # ties
+    jobs = store.add_all([new_job(8, owner="ann", batch_id="nightly", created_at=moment) for moment in moments])
+    [bobs] = store.add_all([new_job(owner="bob", created_at=moments[4])])
+    pages, after = [], None
+    while page := store.list(batch_id="nightly", owner="ann", after=after, limit=3):
+        pages.append(ids(page))
+        after = page[-1].id
+    listed = sorted(jobs, key=lambda job: (-job.created_at.timestamp(), job.id))
+    assert pages == [ids(listed[:3]), ids(listed[3:6]), ids(listed[6:])]
+    assert store.list(owner="ann", after=bobs.id) == []  # from someone else's job: nothing to learn
+    assert ids(store.list(owner=None, after=bobs.id, limit=1)) != []
 
 
 def test_unfinished_jobs_are_found_by_index(store: JobStore, database_url: str) -> None:

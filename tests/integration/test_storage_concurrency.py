@@ -17,7 +17,7 @@ from storage.database import for_writes, get_engine, upgrade
 from storage.job_status import IllegalTransition, JobStatus
 from storage.jobs import JobStore
 from storage.models import GenerationJob, IdempotencyKey
-from tests.integration.test_storage import claim, database_url, ids, new_job, store  # noqa: F401  (fixtures)
+from tests.integration.test_storage import batch_jobs, claim, database_url, ids, new_job, store  # noqa: F401  (fixtures)
 
 T = TypeVar("T")
 # Well under SQLite's busy timeout (30 s): a caller stuck behind a lock fails the test quickly.
@@ -123,7 +123,7 @@ def test_a_submission_that_loses_the_race_for_a_key_gets_the_winners_jobs(
         winner.add_all(winners)
         winner.flush()  # stored, not committed: the loser cannot see the key yet
         loser = in_thread(pool, store.submit, [new_job()], first)
-        _wait_until_blocked(database_url)
+        _wait_until_blocked(database_url, "idempotency_keys")
         assert not loser.done()
         winner.commit()
     result = loser.result(timeout=PROMPT_S)
@@ -131,17 +131,34 @@ def test_a_submission_that_loses_the_race_for_a_key_gets_the_winners_jobs(
     assert store.count_by_status() == {"pending": 2}
 
 
-def _wait_until_blocked(url: str) -> None:
-    """Until the loser waits on the winner: on PostgreSQL, inserting the key it did not find."""
+def test_a_batch_submission_that_loses_the_race_for_its_items_gets_the_winners_jobs(
+    store: JobStore, database_url: str, pool: ThreadPoolExecutor  # noqa: F811  (fixtures)
+) -> None:
+    winners = batch_jobs("ann", "nightly", "a kite", "a fox")
+    winner_ids = {job.id for job in winners}
+    with Session(for_writes(get_engine(database_url))) as winner:
+        winner.add_all(winners)
+        winner.flush()  # stored, not committed: the loser cannot see the jobs yet
+        loser = in_thread(pool, store.submit, batch_jobs("ann", "nightly", "a kite", "a fox", "an owl"))
+        _wait_until_blocked(database_url, "generation_jobs")
+        assert not loser.done()
+        winner.commit()
+    result = loser.result(timeout=PROMPT_S)
+    assert (result.found, [job.prompt for job in result.new]) == (winner_ids, ["an owl"])
+    assert store.count_by_status() == {"pending": 3}
+
+
+def _wait_until_blocked(url: str, table: str) -> None:
+    """Until the loser waits on the winner: on PostgreSQL, inserting into `table` what it did not find."""
     if url.startswith("sqlite"):
         time.sleep(SETTLE_S)  # SQLite: it waits at BEGIN IMMEDIATE, where nothing shows it
         return
     waiting = sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO idempotency_keys%'"
-    )
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :insert"
+    ).bindparams(insert=f"INSERT INTO {table}%")
     deadline = time.monotonic() + PROMPT_S
     with get_engine(url).connect() as connection:
         while connection.execute(waiting).scalar_one() == 0:
-            assert time.monotonic() < deadline, "the second submission never reached the key's insert"
+            assert time.monotonic() < deadline, f"the second submission never reached its insert into {table}"
             time.sleep(0.05)
             connection.rollback()  # a fresh snapshot of pg_stat_activity each time

@@ -7,6 +7,7 @@ from typing import get_type_hints
 
 from scheduling.work import GenerationParams
 from serve_app.schemas import GenerationFields, JobView
+from storage.batches import IMAGE_FIELDS
 from storage.models import GenerationJob
 
 NAMES = set(GenerationParams.names())
@@ -17,6 +18,7 @@ def test_the_job_table_and_the_api_name_the_same_generation_fields() -> None:
     assert NAMES <= set(GenerationJob.model_fields)
     assert NAMES <= set(JobView.model_fields)
     assert set(GenerationFields.model_fields) == NAMES | {"priority"}  # what a request may say
+    assert set(IMAGE_FIELDS) == NAMES  # what a batch item submitted again must ask for as its job did
 
 
 def test_the_response_declares_them_with_generation_params_types() -> None:

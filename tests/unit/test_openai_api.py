@@ -230,22 +230,22 @@ def job(status: str, error: str | None = None) -> GenerationJob:
     )  # fmt: skip
 
 
-def refusal_of(jobs: list[GenerationJob], batch_id: uuid.UUID | None = None) -> HTTPException:
+def refusal_of(jobs: list[GenerationJob], batch_id: str | None = None) -> HTTPException:
     with pytest.raises(HTTPException) as refused:
         _require_completed(jobs, batch_id)
     return refused.value
 
 
 def test_completed_jobs_pass() -> None:
-    _require_completed([job("completed"), job("completed")], uuid.uuid4())
+    _require_completed([job("completed"), job("completed")], str(uuid.uuid4()))
 
 
 def test_jobs_still_running_after_the_wait_are_a_504_naming_them() -> None:
-    jobs, batch_id = [job("completed"), job("running")], uuid.uuid4()
+    jobs, batch_id = [job("completed"), job("running")], str(uuid.uuid4())
     refused = refusal_of(jobs, batch_id)
     error = refused.detail["error"]
     assert (refused.status_code, error["type"], error["code"], refused.headers) == (504, "server_error", "timeout", NO_RETRY)
-    assert error["job_ids"] == [str(item.id) for item in jobs] and error["batch_id"] == str(batch_id)
+    assert error["job_ids"] == [str(item.id) for item in jobs] and error["batch_id"] == batch_id
     assert all(str(item.id) in error["message"] for item in jobs) and f"GET /jobs?batch_id={batch_id}" in error["message"]
 
 

@@ -141,6 +141,15 @@ def test_a_submission_larger_than_the_limit_itself_is_refused_as_never_fitting()
         submit_as(core, "ann", *[(f"b{n}", 8) for n in range(4)])
 
 
+def test_a_submission_of_no_new_job_takes_no_token() -> None:
+    core = Core()
+    quota = Quota(max_unfinished={Lane.REALTIME: 10, Lane.BATCH: 10}, submissions_per_minute=1)
+    core.scheduler.release(core.scheduler.reserve([], "ann", quota))  # a batch whose items all have their jobs
+    core.scheduler.release(core.scheduler.reserve([Lane.BATCH], "ann", quota))  # the minute's token was still there
+    with pytest.raises(QuotaExceeded, match="submissions a minute"):
+        core.scheduler.reserve([Lane.BATCH], "ann", quota)
+
+
 def test_a_submission_that_stores_nothing_gives_its_token_back() -> None:
     core = Core()
     quota = Quota(max_unfinished={Lane.REALTIME: 10, Lane.BATCH: 10}, submissions_per_minute=1)

@@ -51,8 +51,8 @@ def test_bad_fields_are_named(body: dict[str, object], field: str) -> None:
 
 def test_batch_items_take_the_batch_priority_unless_they_set_their_own() -> None:
     batch = BatchRequest(items=[{"prompt": "a"}, {"prompt": "b", "priority": "high"}])
-    assert [fields["priority"] for fields in batch.to_job_fields()] == [8, 0]
-    assert [f["priority"] for f in BatchRequest(items=[{"prompt": "a"}], priority=6).to_job_fields()] == [6]
+    assert [fields["priority"] for fields in batch.to_job_fields("ann", "nightly")] == [8, 0]
+    assert [f["priority"] for f in BatchRequest(items=[{"prompt": "a"}], priority=6).to_job_fields("ann", "nightly")] == [6]
 
 
 def test_batch_size_is_bounded() -> None:
