@@ -2,7 +2,7 @@
 # Submit a prompts file as a Ray job with the plain `ray job submit` command (what `seidra batch` does
 # through the Jobs API). The job's working dir holds the prompts file alone; the project is installed
 # on the cluster.
-#   scripts/submit-batch.sh PROMPTS_FILE [--batch-id ID] [--priority low] [--api-key-file PATH] [--url URL] [--no-wait]
+#   scripts/submit-batch.sh PROMPTS_FILE [--batch-id NAME] [--priority low] [--api-key-file PATH] [--url URL] [--no-wait]
 # RAY_API_SERVER_ADDRESS picks the cluster (default http://127.0.0.1:8265). The driver authenticates
 # with the key in the file --api-key-file names (a path on the head node, made absolute here) or the
 # cluster's own SEIDRA_API_KEY: this shell's SEIDRA_API_KEY is not passed on, as the dashboard shows
@@ -10,7 +10,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || ! -f "$1" ]]; then
-    echo "usage: $0 PROMPTS_FILE [--batch-id ID] [--priority P] [--api-key-file PATH] [--url URL] [--no-wait]  (PROMPTS_FILE must exist)" >&2
+    echo "usage: $0 PROMPTS_FILE [--batch-id NAME] [--priority P] [--api-key-file PATH] [--url URL] [--no-wait]  (PROMPTS_FILE must exist)" >&2
     exit 2
 fi
 prompts="$1"
