@@ -365,8 +365,9 @@ class SeidraAPI(OpenAIRoutes):
         span = trace.get_current_span()
         if batch_id is not None:
             span.set_attribute("seidra.batch_id", batch_id)
-        # A batch's jobs are its `items`; any other request's are the body itself.
-        locations = [("body", "items", index) for index in range(len(jobs))] if batch_id is not None else [("body",)] * len(jobs)
+        # A batch's jobs are its `items`; any other request's (OpenAI's n images too) are the body itself.
+        itemized = isinstance(request, BatchRequest)
+        locations = [("body", "items", index) if itemized else ("body",) for index in range(len(jobs))]
         jobs = self._catalog.resolve(jobs, locations)
         claim = _claim(idempotency_key, path, request, batch_id, principal)
         submission: Submission = await _router_call(
