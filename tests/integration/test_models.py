@@ -8,6 +8,7 @@ Each image is compared with what a plain diffusers call makes with the same mode
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ from scheduling.work import GenerationParams, Lora, WorkBatch, WorkItem
 
 PARAMS = GenerationParams("a lighthouse at dusk", "fog", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=3)
 INK = (Lora("ink", 0.7),)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_catalog() -> Iterator[None]:
+    """These tests name their models themselves. The session cluster's SEIDRA_MODELS stays in this
+    process's environment, and pydantic-settings would merge its models into theirs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SEIDRA_MODELS", raising=False)
+        yield
 
 
 @dataclass(frozen=True)

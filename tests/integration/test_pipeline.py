@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,15 @@ import pytest
 from PIL import Image
 
 from scheduling.work import GenerationParams, WorkBatch, WorkItem
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_catalog() -> Iterator[None]:
+    """These tests name their models themselves. The session cluster's SEIDRA_MODELS stays in this
+    process's environment, and pydantic-settings would merge its models into theirs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SEIDRA_MODELS", raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
