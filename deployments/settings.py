@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
@@ -64,6 +64,19 @@ class WorkerSettings(BaseSettings):
         False, description="Drills and tests only: let the admin fault endpoint change what replicas report."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Settings given (the application's args) replace their variables whole: pydantic-settings
+        would merge `models` from both into one catalog."""
+        return init_settings, _Unless(settings_cls, env_settings, init_settings), dotenv_settings, file_secret_settings
+
     @field_validator("models", mode="before")
     @classmethod
     def _json_text(cls, value: Any) -> Any:
@@ -110,6 +123,23 @@ class WorkerSettings(BaseSettings):
                 "(for a quick try: seidra make-tiny-model DIR, then SEIDRA_MODEL=DIR)"
             )
         return self
+
+
+class _Unless(PydanticBaseSettingsSource):
+    """`source`'s values but those that `given` (the settings passed in) has."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], source: PydanticBaseSettingsSource, given: PydanticBaseSettingsSource
+    ) -> None:
+        super().__init__(settings_cls)
+        self._source, self._given = source, given
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ answers for the whole source
+
+    def __call__(self) -> dict[str, Any]:
+        given = self._given()
+        return {name: value for name, value in self._source().items() if name not in given}
 
 
 class NotServed(LookupError):

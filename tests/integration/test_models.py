@@ -26,7 +26,7 @@ INK = (Lora("ink", 0.7),)
 @pytest.fixture(scope="module", autouse=True)
 def _own_catalog() -> Iterator[None]:
     """These tests name their models themselves. The session cluster's SEIDRA_MODELS stays in this
-    process's environment, and pydantic-settings would merge its models into theirs."""
+    process's environment, where it would serve its models to settings made here without `models`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("SEIDRA_MODELS", raising=False)
         yield

@@ -24,6 +24,12 @@ def test_models_come_as_json_text_the_first_the_default() -> None:
     }
 
 
+def test_models_given_as_args_replace_the_variables_models_not_join_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEIDRA_MODELS", '{"from-env": "/env"}')
+    assert list(WorkerSettings(models={"from-args": "/args"}).catalog()) == ["from-args"]
+    assert list(WorkerSettings().catalog()) == ["from-env"]
+
+
 def test_a_submission_gets_the_default_model_and_unknown_names_are_refused_where_they_are(tmp_path: Path) -> None:
     (tmp_path / "ink").mkdir()
     catalog = Catalog(WorkerSettings(models={"turbo": "a", "xl": "b"}, lora_dir=str(tmp_path)))
