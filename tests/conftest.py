@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -60,6 +60,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deployments.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def without_session_models() -> Iterator[None]:
+    """For a module whose tests name their models themselves: the session cluster's SEIDRA_MODELS
+    stays in this process's environment, where it would serve its models to settings made here."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SEIDRA_MODELS", raising=False)
+        yield
 
 
 @pytest.fixture

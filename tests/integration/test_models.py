@@ -8,7 +8,6 @@ Each image is compared with what a plain diffusers call makes with the same mode
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,7 @@ PARAMS = GenerationParams("a lighthouse at dusk", "fog", width=64, height=64, nu
 INK = (Lora("ink", 0.7),)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_catalog() -> Iterator[None]:
-    """These tests name their models themselves. The session cluster's SEIDRA_MODELS stays in this
-    process's environment, where it would serve its models to settings made here without `models`."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SEIDRA_MODELS", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("without_session_models")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,7 @@ from PIL import Image
 
 from scheduling.work import GenerationParams, WorkBatch, WorkItem
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_catalog() -> Iterator[None]:
-    """These tests name their models themselves. The session cluster's SEIDRA_MODELS stays in this
-    process's environment, where it would serve its models to settings made here without `models`."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SEIDRA_MODELS", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("without_session_models")
 
 
 @pytest.fixture(scope="module")
