@@ -249,7 +249,8 @@ class SlotPlan:
         heapq.heapify(self._anywhere)
         self._holding: dict[str, list[_Choice]] = {}
         for choice in self._anywhere:
-            for model in choice.replica.holds():
+            # Disjoint: a model is sent here only when not held, and what was sent is forgotten at each report.
+            for model in (*choice.replica.snapshot.models, *choice.replica.sent_models):
                 self._holding.setdefault(model, []).append(choice)
         for heap in self._holding.values():
             heapq.heapify(heap)
