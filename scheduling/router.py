@@ -48,9 +48,10 @@ from scheduling.scheduler import (
     YieldCall,
 )
 from scheduling.settings import RouterSettings
+from scheduling.webhook_sender import WebhookConfig, WebhookSender
 from scheduling.work import GenerationParams, WorkBatch, WorkResult
 from scheduling.worker_calls import CallFailed, WorkerCalls
-from storage.api_keys import KeyLimits
+from storage.api_keys import ApiKeyStore, KeyLimits
 from storage.database import DATABASE_OUTAGES
 from storage.job_status import JobStatus
 from storage.jobs import IdempotencyClaim, JobNotFound, JobStore, Submission, as_utc
@@ -58,6 +59,7 @@ from storage.models import GenerationJob, utcnow
 from storage.notifications import Level, NotificationService
 from storage.object_store import ObjectStore, image_key, open_object_store
 from storage.settings import StorageSettings
+from storage.webhooks import WebhookStore
 
 __all__ = ["JobRouter", "RouterUnavailable", "get_or_create_router", "get_router"]
 
@@ -66,7 +68,7 @@ logger = logging.getLogger(__name__)
 # Bumped when the router's methods change so that an older router could not serve the new API (a
 # new argument, a new method): the router is detached and outlives deployments, so the
 # application replaces one left running by an older release.
-ROUTER_API_VERSION = 6
+ROUTER_API_VERSION = 7
 ROUTER_VERSION_TIMEOUT_S = 60.0
 # Short enough that the API answers soon after the database is back.
 RECOVERY_RETRY_MAX_S = 10.0
@@ -147,6 +149,9 @@ class JobRouter:
         self._jobs = JobStore(storage.database_url)
         self._writer = JobWriter(self._jobs, NotificationService(storage.database_url), retry_max_s=RECOVERY_RETRY_MAX_S)
         self._calls = WorkerCalls(worker, settings.inference_timeout_s, storage.upload_timeout_s)
+        # Reads each key's webhook secret from the database itself: no secret is an actor argument.
+        keys = ApiKeyStore(storage.database_url)
+        self._webhooks = WebhookSender(WebhookStore(storage.database_url), keys, WebhookConfig.of(settings))
         self._media: ObjectStore | None = None  # opened on first use: S3 may be down as the router starts
         self._waiters: dict[str, asyncio.Event] = {}
         self._ready = asyncio.Event()
@@ -154,7 +159,8 @@ class JobRouter:
         self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
         self._gauges_due = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
-        for loop_task in (self._writer.run(), self._recover(), self._dispatch_loop(), self._reconcile_loop()):
+        loops = (self._writer.run(), self._recover(), self._dispatch_loop(), self._reconcile_loop(), self._webhooks.run())
+        for loop_task in loops:
             self._spawn(loop_task)
 
     # ----- start-up: the core rebuilt from the database -----
@@ -557,6 +563,7 @@ class JobRouter:
         event = self._waiters.pop(str(job.id), None)
         if event is not None:
             event.set()
+        self._webhooks.job_ended(job)
 
     def _hold(self, action: HoldJobs) -> None:
         self._watch(self._writer.holds([(held.job_id, held.hold.document()) for held in action.jobs]))

@@ -67,3 +67,20 @@ class RouterSettings(BaseSettings):
         ge=1,
         description="Submissions (a batch is one) one user may make per minute, in bursts of as many (per-key override).",
     )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="How long one webhook attempt may take, from resolving its host to the answer's status."
+    )
+    webhook_retry_base_s: float = Field(
+        5.0, gt=0, description="Delay before a failed webhook attempt is tried again; doubles with each failure."
+    )
+    webhook_retry_cap_s: float = Field(3600.0, gt=0, description="Longest delay between two webhook attempts.")
+    webhook_max_attempts: int = Field(12, ge=1, le=100, description="Webhook attempts after which a delivery is given up.")
+    webhook_retry_for_s: float = Field(
+        86_400.0, gt=0, description="No webhook attempt is made later than this after the delivery was first due."
+    )
+    webhook_concurrency: int = Field(16, ge=1, le=1000, description="Webhook attempts the router makes at once.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks go to private, loopback and link-local addresses (tests, a receiver on the same "
+        "network). Off: such URLs are refused at submission and at each attempt.",
+    )

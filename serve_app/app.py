@@ -52,6 +52,7 @@ from serve_app.schemas import (
     NotificationView,
 )
 from serve_app.settings import AppSettings, settings_from_args
+from serve_app.webhooks import check_webhook
 from storage.api_keys import ApiKeyStore, KeyLimits, Principal
 from storage.batches import BatchConflict
 from storage.database import DATABASE_OUTAGES
@@ -60,6 +61,7 @@ from storage.jobs import IdempotencyClaim, IdempotencyMismatch, JobNotFound, Job
 from storage.models import GenerationJob
 from storage.notifications import Level, NotificationService
 from storage.object_store import ObjectNotFound, open_object_store
+from storage.webhooks import WebhookStore
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,7 @@ class SeidraAPI(OpenAIRoutes):
         self._store = open_object_store(storage)
         self._router = get_or_create_router(serve.get_replica_context().app_name, worker, settings.router, storage)
         self._catalog = Catalog(settings.worker)
+        self._webhooks = WebhookStore(storage.database_url)
         api.state.authenticator = Authenticator(settings.api.auth, ApiKeyStore(storage.database_url))
 
     def _view(self, job: GenerationJob, principal: Principal, live: dict[str, Any] | None = None) -> JobView:
@@ -300,6 +303,7 @@ class SeidraAPI(OpenAIRoutes):
     ) -> JobView:
         """Queue one image (realtime lane by default). The same `Idempotency-Key` with the same body
         returns the job it created the first time (200); with another body, 422."""
+        await check_webhook(request.webhook_url, principal, self._settings.router.webhook_allow_private)
         submission = await self._submit(principal, request, [request.to_job_fields()], "/generation/single", idempotency_key)
         [job] = submission.jobs
         if not submission.created:
@@ -336,11 +340,13 @@ class SeidraAPI(OpenAIRoutes):
         """
         name = request.batch_id or str(uuid.uuid4())
         jobs = request.to_job_fields(principal.user, name)
+        await check_webhook(request.webhook_url, principal, self._settings.router.webhook_allow_private)
         try:
             submission = await self._submit(principal, request, jobs, "/generation/batch", idempotency_key, name)
         except BatchConflict as conflict:
             indexes = {job["id"]: index for index, job in enumerate(jobs, request.first_index)}
             return JSONResponse(status_code=409, content=BatchConflictBody.of(conflict, name, indexes).model_dump(mode="json"))
+        await self._arm_batch_webhook(principal, request.webhook_url, submission.batch_id or name, submission)
         if not submission.created:
             response.status_code = 200
         views = [self._view(job, principal) for job in submission.jobs]
@@ -350,6 +356,16 @@ class SeidraAPI(OpenAIRoutes):
             jobs=views,
             existing_job_ids=[job.id for job in submission.jobs if job.id in submission.found],
         )
+
+    async def _arm_batch_webhook(self, principal: Principal, url: str | None, batch_id: str, submission: Submission) -> None:
+        """Arm the batch's delivery once its jobs are stored, if some are unfinished: a request that
+        stores nothing of a batch that ended (a replay) arms nothing. Jobs that end before it is
+        armed are caught by the router's sweep of the armed batches."""
+        if url is None or principal.key_id is None:
+            return
+        if all(JobStatus(job.status).is_terminal for job in submission.jobs):
+            return
+        await asyncio.to_thread(self._webhooks.arm_batch, principal.user, batch_id, principal.key_id, url)
 
     async def _submit(
         self,
@@ -369,6 +385,8 @@ class SeidraAPI(OpenAIRoutes):
         itemized = isinstance(request, BatchRequest)
         locations = [("body", "items", index) if itemized else ("body",) for index in range(len(jobs))]
         jobs = self._catalog.resolve(jobs, locations)
+        # The key signs the jobs' webhooks, and its default webhook stands in for theirs.
+        jobs = [{**job, "key_id": principal.key_id} for job in jobs]
         claim = _claim(idempotency_key, path, request, batch_id, principal)
         submission: Submission = await _router_call(
             self._router.submit.remote(

@@ -500,7 +500,7 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> None:
 # The columns of `seidra keys list`: everything about a key but its hash.
 KEY_FIELDS = (
     "key_id", "user", "admin", "created_at", "expires_at", "revoked_at",
-    "max_waiting_realtime", "max_waiting_batch", "submissions_per_minute",
+    "max_waiting_realtime", "max_waiting_batch", "submissions_per_minute", "webhook_url",
 )  # fmt: skip
 KEY_TIMES = ("created_at", "expires_at", "revoked_at")
 KEY_OVERRIDES = {"max_waiting_realtime": "realtime", "max_waiting_batch": "batch", "submissions_per_minute": "per-minute"}
@@ -522,7 +522,9 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
 
     limits = KeyLimits(args.max_waiting_realtime, args.max_waiting_batch, args.submissions_per_minute)
     try:
-        created = _key_store().create(args.user, admin=args.admin, expires_in_days=args.expires, limits=limits)
+        created = _key_store().create(
+            args.user, admin=args.admin, expires_in_days=args.expires, limits=limits, webhook_url=args.webhook_url
+        )
     except ValueError as error:
         raise CliError(str(error)) from None
     # The key alone on stdout (`seidra keys create ... > key-file` makes a SEIDRA_API_KEY_FILE); the rest on stderr.
@@ -545,10 +547,10 @@ def format_keys_table(keys: Sequence[dict[str, Any]]) -> str:
     def overrides(key: dict[str, Any]) -> str:
         return " ".join(f"{label}={key[name]}" for name, label in KEY_OVERRIDES.items() if key[name] is not None) or "-"
 
-    rows = [("key id", "user", "admin", "created", "expires", "revoked", "overrides")]
+    rows = [("key id", "user", "admin", "created", "expires", "revoked", "webhook", "overrides")]
     rows += [
         (key["key_id"], key["user"], "yes" if key["admin"] else "no",
-         *(key[name] or "-" for name in KEY_TIMES), overrides(key))
+         *(key[name] or "-" for name in KEY_TIMES), key["webhook_url"] or "-", overrides(key))
         for key in keys
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -563,6 +565,35 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     except KeyNotFound as error:
         raise CliError(str(error)) from None
     print(f"API key {key.key_id} ({key.user}) is revoked since {_key_time(key.revoked_at)}")
+
+
+def cmd_keys_set_webhook(args: argparse.Namespace) -> None:
+    from storage.api_keys import KeyNotFound
+
+    try:
+        key = _key_store().set_webhook(args.key_id, None if args.clear else args.url)
+    except KeyNotFound as error:
+        raise CliError(str(error)) from None
+    if key.webhook_url is None:
+        print(f"API key {key.key_id} ({key.user}) has no default webhook; deliveries still pending to the old one are not sent")
+    else:
+        print(f"API key {key.key_id} ({key.user}): jobs without a webhook_url of their own are delivered to {key.webhook_url}")
+
+
+def cmd_keys_webhook_secret(args: argparse.Namespace) -> None:
+    from storage.api_keys import KeyNotFound
+
+    try:
+        secret = _key_store().rotate_webhook_secret(args.key_id)
+    except KeyNotFound as error:
+        raise CliError(str(error)) from None
+    # The secret alone on stdout (`... > secret-file`), as `keys create` prints a key.
+    print(secret)
+    print(
+        f"Webhook secret of API key {args.key_id}: it signs the key's deliveries from now on; the one before no longer "
+        "does. It is not shown again: keep it now.",
+        file=sys.stderr,
+    )
 
 
 def _key_time(moment: datetime | None) -> str | None:
@@ -589,6 +620,16 @@ def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def _webhook_url(text: str) -> str:
+    """A webhook URL's form; where it leads is checked at each delivery (SEIDRA_WEBHOOK_ALLOW_PRIVATE)."""
+    from scheduling.webhooks import check_url
+
+    try:
+        return check_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} {error}") from None
 
 
 def _days(text: str) -> float:
@@ -741,12 +782,29 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{setting.replace('_', '-')}", type=_at_least_one, metavar="N",
             help=f"This key's own limit instead of SEIDRA_USER_{setting.upper()}.",
         )  # fmt: skip
+    create.add_argument(
+        "--webhook-url",
+        type=_webhook_url,
+        metavar="URL",
+        help="Where the key's jobs are delivered when they name no webhook_url.",
+    )
     listing = key_commands.add_parser("list", help="Every key, revoked and expired ones included; never their hashes.")
     listing.set_defaults(handler=cmd_keys_list)
     listing.add_argument("--json", action="store_true", help="Print JSON.")
     revoke = key_commands.add_parser("revoke", help="Refuse a key from now on.")
     revoke.set_defaults(handler=cmd_keys_revoke)
     revoke.add_argument("key_id", metavar="KEY_ID", help="The key's id, from `seidra keys list` (the part after seidra_).")
+    set_webhook = key_commands.add_parser("set-webhook", help="Set or remove the key's default webhook URL.")
+    set_webhook.set_defaults(handler=cmd_keys_set_webhook)
+    set_webhook.add_argument("key_id", metavar="KEY_ID", help="The key's id, from `seidra keys list`.")
+    where = set_webhook.add_mutually_exclusive_group(required=True)
+    where.add_argument("url", nargs="?", type=_webhook_url, metavar="URL", help="http:// or https://.")
+    where.add_argument("--clear", action="store_true", help="No default webhook: pending deliveries to it are not sent.")
+    secret = key_commands.add_parser(
+        "webhook-secret", help="Make the key a new webhook secret and print it, this once: the old one stops signing."
+    )
+    secret.set_defaults(handler=cmd_keys_webhook_secret)
+    secret.add_argument("key_id", metavar="KEY_ID", help="The key's id, from `seidra keys list`.")
     return parser
 
 

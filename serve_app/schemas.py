@@ -29,6 +29,7 @@ from scheduling.lanes import (
     MIN_PRIORITY,
     NAMED_PRIORITIES,
 )
+from scheduling.webhooks import check_url
 from scheduling.work import GenerationParams
 from serve_app.settings import ApiSettings
 from storage.batches import (
@@ -41,6 +42,7 @@ from storage.batches import (
     batch_name,
     drawn_seed,
 )
+from storage.delivery import MAX_URL_CHARS
 
 LIMITS = ApiSettings()
 MAX_SEED = 2**63 - 1
@@ -82,6 +84,12 @@ Priority = Annotated[
             ]
         }
     ),
+]
+
+WebhookUrl = Annotated[
+    str,
+    AfterValidator(check_url),
+    WithJsonSchema({"type": "string", "maxLength": MAX_URL_CHARS, "description": "An http:// or https:// URL."}),
 ]
 
 BatchName = Annotated[
@@ -157,6 +165,12 @@ class GenerationFields(BaseModel):
 
 
 class GenerationRequest(GenerationFields):
+    webhook_url: WebhookUrl | None = Field(
+        None,
+        description="Where to POST the job, signed, when it completes, fails or is cancelled (docs/webhooks.md); "
+        "default: the API key's webhook, if it has one.",
+    )
+
     def to_job_fields(self, default_priority: int = DEFAULT_REALTIME_PRIORITY) -> dict[str, Any]:
         return super().to_job_fields(default_priority)
 
@@ -176,6 +190,11 @@ class BatchRequest(BaseModel):
     )
     first_index: int = Field(
         0, ge=0, le=MAX_BATCH_INDEX, description="The index in the batch of the first item, for a batch sent in several requests."
+    )
+    webhook_url: WebhookUrl | None = Field(
+        None,
+        description="Where to POST the batch, signed, once none of its jobs is unfinished (docs/webhooks.md). Each "
+        "request that gives it arms one such delivery. Its jobs' own deliveries go to the API key's webhook, if any.",
     )
 
     def to_job_fields(self, owner: str, name: str) -> list[dict[str, Any]]:
@@ -215,6 +234,7 @@ class JobView(GenerationView):  # type: ignore[valid-type,misc]  # a model built
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    webhook_url: str | None = Field(None, description="The job's own webhook; its deliveries are in `metadata.webhook`.")
     progress: JobProgress | None = Field(
         None,
         description="GET /jobs/{id}: the router's live view while the job is unfinished; every step once completed, "

@@ -4,11 +4,17 @@ A key's text is `seidra_<key_id>_<secret>`: `key_id` (12 lowercase hex character
 look-up prefix, the primary key of its row; `secret` is 32 random bytes, URL-safe base64. Only the
 sha256 of the whole text is stored, so the table cannot be used to sign in; a key is shown once, by
 `create`, and never logged.
+
+Each key also has a webhook secret (`whsec_` and 32 random bytes, URL-safe base64), which signs the
+webhook deliveries of the jobs it submits, and may have a default webhook URL for them. The secret
+is stored as it is, since the router signs with it: it is shown once, by `rotate_webhook_secret`,
+read by the router alone, and never logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -36,6 +42,7 @@ _SECRET_CHARS = math.ceil(SECRET_BYTES * 4 / 3)
 _KEY_PATTERN = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{2 * KEY_ID_BYTES}}})_[A-Za-z0-9_-]{{{_SECRET_CHARS}}}")
 # A new key id that is taken already is drawn again; 48 bits make a second clash all but impossible.
 KEY_ID_DRAWS = 3
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,24 @@ class CreatedKey:
     record: ApiKey
 
 
+@dataclass(frozen=True)
+class KeyWebhook:
+    """What the router needs of a key to deliver its jobs' webhooks."""
+
+    key_id: str
+    url: str | None  # the key's default webhook URL
+    secret: str = dataclasses.field(repr=False)  # never in a log line
+    revoked: bool
+
+
 class KeyNotFound(LookupError):
     def __init__(self, key_id: str) -> None:
         super().__init__(f"API key {key_id!r} does not exist")
         self.key_id = key_id
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
 
 
 def key_hash(key_text: str) -> str:
@@ -118,9 +139,12 @@ class ApiKeyStore:
         admin: bool = False,
         expires_in_days: float | None = None,
         limits: KeyLimits = KeyLimits(),
+        webhook_url: str | None = None,
         now: datetime | None = None,
     ) -> CreatedKey:
-        """A new key for `user`: its text (to hand over once) and its stored record."""
+        """A new key for `user`: its text (to hand over once) and its stored record. It gets a webhook
+        secret of its own, shown nowhere (`rotate_webhook_secret` makes one to hand over), and
+        `webhook_url` as its default webhook (the caller has checked it)."""
         created_at = as_utc(now or utcnow())
         columns = {
             "user": check_user(user),
@@ -130,6 +154,7 @@ class ApiKeyStore:
             "max_waiting_realtime": limits.max_waiting_realtime,
             "max_waiting_batch": limits.max_waiting_batch,
             "submissions_per_minute": limits.submissions_per_minute,
+            "webhook_url": webhook_url,
         }
         for _ in range(KEY_ID_DRAWS - 1):
             with contextlib.suppress(sa.exc.IntegrityError):  # the key id drawn is taken
@@ -139,7 +164,7 @@ class ApiKeyStore:
     def _insert_new_key(self, columns: dict[str, Any]) -> CreatedKey:
         key_id = secrets.token_hex(KEY_ID_BYTES)
         key_text = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
-        record = ApiKey(key_id=key_id, secret_hash=key_hash(key_text), **columns)
+        record = ApiKey(key_id=key_id, secret_hash=key_hash(key_text), webhook_secret=new_webhook_secret(), **columns)
         with Session(self._writer, expire_on_commit=False) as session:
             session.add(record)
             session.commit()
@@ -177,4 +202,35 @@ class ApiKeyStore:
                 key.revoked_at = as_utc(now or utcnow())
                 session.add(key)
                 session.commit()
+            return key
+
+    def rotate_webhook_secret(self, key_id: str) -> str:
+        """A new webhook secret for the key, returned to be shown once: deliveries are signed with it
+        from the next attempt on, and the old one stops at once."""
+        secret = new_webhook_secret()
+        self._edit(key_id, webhook_secret=secret)
+        return secret
+
+    def set_webhook(self, key_id: str, url: str | None) -> ApiKey:
+        """The key's default webhook URL (the caller has checked it); None removes it. Deliveries of
+        the old default that are still pending are not sent (`scheduling.webhooks.cancelled_because`)."""
+        return self._edit(key_id, webhook_url=url)
+
+    def webhook(self, key_id: str) -> KeyWebhook | None:
+        """The key's webhook URL and secret, for the router; None for a key that no longer exists."""
+        with Session(self._engine) as session:
+            key = session.get(ApiKey, key_id)
+        if key is None or key.webhook_secret is None:
+            return None
+        return KeyWebhook(key.key_id, key.webhook_url, key.webhook_secret, key.revoked_at is not None)
+
+    def _edit(self, key_id: str, **changes: Any) -> ApiKey:
+        with Session(self._writer, expire_on_commit=False) as session:
+            key = session.exec(select(ApiKey).where(ApiKey.key_id == key_id).with_for_update()).first()
+            if key is None:
+                raise KeyNotFound(key_id)
+            for name, value in changes.items():
+                setattr(key, name, value)
+            session.add(key)
+            session.commit()
             return key

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from storage.delivery import MAX_URL_CHARS
 from storage.job_status import JobStatus
 
 JSON_DOCUMENT = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -50,6 +51,10 @@ class GenerationJob(SQLModel, table=True):
     batch_id: str | None = Field(default=None, max_length=64)
     # The API key's user who submitted it; '' (jobs from before API keys): admins alone see it.
     owner: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
+    # The API key that submitted it (None: authentication off): its webhook secret signs the job's
+    # deliveries, and its default webhook stands in for a job without `webhook_url`.
+    key_id: str | None = Field(default=None, max_length=12)
+    webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
 
     prompt: str = Field(sa_type=sa.Text)
     negative_prompt: str | None = Field(default=None, sa_type=sa.Text)
@@ -126,3 +131,43 @@ class ApiKey(SQLModel, table=True):
     max_waiting_realtime: int | None = None
     max_waiting_batch: int | None = None
     submissions_per_minute: int | None = None
+    # Webhooks: where the deliveries of the key's jobs go when a job names no URL of its own, and
+    # the secret that signs every delivery. The secret is kept as it is, not hashed: the router
+    # signs with it.
+    webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    webhook_secret: str | None = Field(default=None, max_length=64, repr=False)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One webhook POST, its body frozen, and how its attempts went (`scheduling/webhooks.py`).
+
+    A job's delivery (`job.completed`, `job.failed`, `job.cancelled`) goes with its job: deleting
+    the job deletes it. A batch's (`batch.ended`) waits, armed by the request that gave its URL,
+    until none of the batch's jobs is unfinished; then `job_id` is the job that ended it.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # What the router resumes as it starts: the pending deliveries, by when they are due.
+        sa.Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        # A batch's armed delivery, looked up as each of its jobs ends.
+        sa.Index("ix_webhook_deliveries_owner_batch_id_status", "owner", "batch_id", "status"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    event: str = Field(max_length=32)
+    owner: str = Field(max_length=64)
+    key_id: str = Field(max_length=12)  # whose secret signs it
+    url: str = Field(max_length=MAX_URL_CHARS)
+    from_key_default: bool = False  # the key's default URL: changing that default cancels it
+    job_id: uuid.UUID | None = Field(default=None, foreign_key="generation_jobs.id", ondelete="CASCADE", index=True)
+    batch_id: str | None = Field(default=None, max_length=64)
+    body: str | None = Field(default=None, sa_type=sa.Text)  # the exact bytes signed and sent; None while waiting
+    status: str = Field(max_length=16)
+    attempts: int = 0
+    last_status: int | None = None  # the receiver's HTTP status at the last attempt
+    last_error: str | None = Field(default=None, sa_type=sa.Text)  # why the last attempt got no answer, or why it ended
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), nullable=False)
+    last_attempt_at: datetime | None = _timestamp()
+    next_attempt_at: datetime | None = _timestamp()
+    ended_at: datetime | None = _timestamp()

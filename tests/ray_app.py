@@ -57,6 +57,12 @@ TEST_ENV = {
     "SEIDRA_RECONCILE_INTERVAL_S": "1",
     "SEIDRA_UPLOAD_TIMEOUT_S": "3",
     "SEIDRA_STUCK_INFERENCE_AFTER_S": "5",
+    # Webhook receivers listen on 127.0.0.1; attempts a second apart, three at most.
+    "SEIDRA_WEBHOOK_ALLOW_PRIVATE": "true",
+    "SEIDRA_WEBHOOK_RETRY_BASE_S": "1",
+    "SEIDRA_WEBHOOK_RETRY_CAP_S": "1",
+    "SEIDRA_WEBHOOK_MAX_ATTEMPTS": "3",
+    "SEIDRA_WEBHOOK_TIMEOUT_S": "2",
 }
 
 

@@ -81,7 +81,7 @@ def test_keys_create_list_and_revoke(
 
     assert main(["keys", "list"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["key", "id", "user", "admin", "created", "expires", "revoked", "overrides"]
+    assert table[0].split() == ["key", "id", "user", "admin", "created", "expires", "revoked", "webhook", "overrides"]
     assert table[1].split()[:3] == [alice.key_id, "alice", "no"] and table[1].endswith("-")
     assert table[2].split()[:3] == [ops.key_id, "ops@example.org", "yes"] and table[2].endswith("realtime=5 per-minute=10")
 
@@ -90,6 +90,44 @@ def test_keys_create_list_and_revoke(
     assert store.authenticate(alice_key) is None
     assert store.authenticate(ops_key) == ops
     assert [key["revoked_at"] is not None for key in keys_json(capsys)] == [True, False]
+
+
+def test_keys_webhook_default_and_secret(
+    database_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SEIDRA_DATABASE_URL", database_url)
+    store = ApiKeyStore(database_url)
+    assert main(["keys", "create", "--user", "alice", "--webhook-url", "https://hooks.example/a"]) == 0
+    key_id = capsys.readouterr().out.strip().split("_")[1]
+    made = store.webhook(key_id)
+    assert made is not None and made.url == "https://hooks.example/a"
+    [listed] = keys_json(capsys)
+    assert listed["webhook_url"] == "https://hooks.example/a"
+
+    assert main(["keys", "webhook-secret", key_id]) == 0
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert out == secret + "\n" and secret.startswith("whsec_") and secret != made.secret
+    assert store.webhook(key_id).secret == secret  # type: ignore[union-attr]
+    assert secret not in err and "It is not shown again" in err
+    for argv in (["keys", "list"], ["keys", "list", "--json"]):
+        assert main(argv) == 0
+        assert secret not in capsys.readouterr().out
+
+    assert main(["keys", "set-webhook", key_id, "http://hooks.example/b"]) == 0
+    assert capsys.readouterr().out.endswith("are delivered to http://hooks.example/b\n")
+    assert main(["keys", "set-webhook", key_id, "--clear"]) == 0
+    assert "has no default webhook" in capsys.readouterr().out
+    assert store.webhook(key_id).url is None  # type: ignore[union-attr]
+
+    with pytest.raises(SystemExit) as exited:
+        main(["keys", "set-webhook", key_id, "https://user:pass@hooks.example/"])
+    assert exited.value.code == 2 and "must not carry credentials" in capsys.readouterr().err
+    for argv in (["keys", "webhook-secret", "feedfeedfeed"], ["keys", "set-webhook", "feedfeedfeed", "--clear"]):
+        assert main(argv) == 1
+        assert one_error_line(capsys) == "seidra: error: API key 'feedfeedfeed' does not exist"
 
 
 def test_neither_keys_nor_hashes_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
