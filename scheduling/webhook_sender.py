@@ -99,6 +99,9 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
         self._executor = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="seidra-webhooks")
+        # Address lookups in threads of their own: a receiver's DNS that never answers must not hold
+        # the event loop's default threads, which carry the router's job writes.
+        self._resolver = ThreadPoolExecutor(config.concurrency, thread_name_prefix="seidra-webhooks-dns")
         self._client: httpx.AsyncClient | None = None  # made in the event loop that uses it
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -265,7 +268,8 @@ class WebhookSender:
         parsed = httpx.URL(check_url(url))
         host = parsed.raw_host.decode("ascii")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        lookup = asyncio.get_running_loop().run_in_executor(self._resolver, _addresses_of, host, port)
+        found = await asyncio.wait_for(lookup, self._config.timeout_s)
         addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
         check_addresses(host, addresses, self._config.allow_private)
         extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
@@ -278,7 +282,9 @@ class WebhookSender:
                 follow_redirects=False,
                 trust_env=False,
                 timeout=self._config.timeout_s,
-                limits=httpx.Limits(max_connections=self._config.concurrency),
+                # No connection kept: the pool matches connections by address, not by host name, so a
+                # kept one would carry another host's delivery over a TLS session checked for the first.
+                limits=httpx.Limits(max_connections=self._config.concurrency, max_keepalive_connections=0),
             )
         return self._client
 
@@ -305,3 +311,7 @@ class WebhookSender:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("Webhook task failed", exc_info=task.exception())
+
+
+def _addresses_of(host: str, port: int) -> list[tuple[Any, ...]]:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

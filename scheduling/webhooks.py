@@ -37,8 +37,9 @@ EVENT_HEADER = "SEIDRA-Event"
 SCHEMES = ("http", "https")
 # A receiver's error as the delivery log keeps it: enough to tell a refused connection from a timeout.
 MAX_ERROR_CHARS = 300
-# Where an IPv6 address carries an IPv4 one a receiver could reach through (NAT64's well-known prefix).
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Where an IPv6 address carries an IPv4 one in its last 32 bits that a receiver could reach through:
+# NAT64's well-known and local-use prefixes, and the deprecated IPv4-compatible form (::a.b.c.d).
+EMBEDDING_IPV4 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
 # The job's own delivery logs are not part of what is delivered: a delivery would describe itself.
 LOG_KEYS = ("webhook", "batch_webhook")
 
@@ -79,8 +80,9 @@ def check_url(url: str) -> str:
 def refused_address(address: str) -> str | None:
     """Why a delivery must not go to `address` (an IP address), or None when it is public."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) names no other host
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
+    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:  # ::1 is in ::/96, and itself
+        low_32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if any(ip in net for net in EMBEDDING_IPV4) else None
+        embedded = ip.ipv4_mapped or ip.sixtofour or low_32
         if embedded is not None:
             return refused_address(str(embedded))
     if ip.is_loopback:

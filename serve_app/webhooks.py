@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from fastapi.exceptions import RequestValidationError
 
 from scheduling.webhooks import check_addresses
 from storage.api_keys import Principal
+
+# Lookups in threads of their own, bounded in time: a host whose DNS never answers must not hold
+# the threads that serve the API's database reads.
+_RESOLVER = ThreadPoolExecutor(4, thread_name_prefix="seidra-webhook-dns")
+LOOKUP_TIMEOUT_S = 5.0
 
 
 async def check_webhook(url: str | None, principal: Principal, allow_private: bool, field: str = "webhook_url") -> None:
@@ -28,9 +34,12 @@ async def check_webhook(url: str | None, principal: Principal, allow_private: bo
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        lookup = asyncio.get_running_loop().run_in_executor(
+            _RESOLVER, socket.getaddrinfo, host, parts.port or 443, 0, socket.SOCK_STREAM
+        )
+        found = await asyncio.wait_for(lookup, LOOKUP_TIMEOUT_S)
         check_addresses(host, [str(info[4][0]) for info in found], allow_private=False)
-    except OSError:
+    except (OSError, TimeoutError):
         raise invalid(field, f"host {host} does not resolve") from None
     except ValueError as refused:
         raise invalid(field, str(refused)) from None

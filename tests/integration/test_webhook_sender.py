@@ -106,6 +106,19 @@ def test_a_job_is_delivered_signed_to_the_address_checked(setup: Setup) -> None:
         asyncio.run(scenario(hook))
 
 
+def test_a_host_name_is_resolved_by_the_sender_connected_to_at_its_address_and_kept_in_host(setup: Setup) -> None:
+    async def scenario(hook: Receiver) -> None:
+        job = setup.ended_job(webhook_url=hook.url("/by-name").replace("127.0.0.1", "localhost"))
+        async with running(setup.sender()) as sender:
+            sender.job_ended(job)
+            await until(ended_as(setup, job, "delivered"), "delivered")
+        [request] = hook.received
+        assert (request.path, request.headers["host"]) == ("/by-name", f"localhost:{hook.port}")
+
+    with receiver() as hook:
+        asyncio.run(scenario(hook))
+
+
 def test_500s_are_tried_again_until_a_2xx_then_the_same_body_is_signed_anew(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
         job = setup.ended_job(webhook_url=hook.url())

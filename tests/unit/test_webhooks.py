@@ -110,6 +110,8 @@ def test_other_urls_are_refused_saying_why(url: str, reason: str) -> None:
         ("fd00::1", "private"),
         ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped
         ("64:ff9b::a01:203", "private"),  # NAT64 of 10.1.2.3
+        ("64:ff9b:1::a00:1", "private"),  # local-use NAT64 of 10.0.0.1
+        ("::7f00:1", "loopback"),  # IPv4-compatible 127.0.0.1
         ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
         ("0.0.0.0", "private"),
         ("100.64.0.1", "not a public unicast"),  # carrier-grade NAT
