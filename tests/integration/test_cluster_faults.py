@@ -71,6 +71,9 @@ def test_the_whole_cluster_stopped_then_up_again(seidra: Seidra, traced: dict[st
     with api(seidra) as client:
         # Slow steps: the long job is still running when the cluster dies (the fault ends with it).
         eventually(lambda: client.post("/admin/faults", json={"inference_delay_s": 0.05}).json()["workers"], "slow steps")
+        # A replica gets the fault with its next heartbeat: a job started before runs at full speed,
+        # and may have ended by the time the cluster dies.
+        eventually(lambda: all(w["faults_injected"] for w in client.get("/status").json()["workers"]), "slowed replicas")
         running = client.post(
             "/generation/single", json={**JOB, "prompt": "running as the cluster dies", "num_inference_steps": 150}
         ).json()
