@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -66,9 +68,11 @@ class DiffusionWorker:
         self._store: ObjectStore | None = None  # opened on first upload: S3 may be down as the replica starts
         context = serve.get_replica_context()
         self._replica_id, self._app_name = context.replica_id.unique_id, context.app_name
-        # Reported, so that a restarted router neither overbooks this replica nor runs a job twice.
-        self._running_jobs: set[str] = set()  # pipeline calls, until their thread ends
-        self._uploading: set[str] = set()
+        # Reported, so that a restarted router neither overbooks this replica nor runs a job twice:
+        # a job runs here from its call's arrival until both the call (uploads included) and its
+        # pipeline thread ended (the thread outlives a call the router gave up on).
+        self._in_calls: Counter[str] = Counter()
+        self._running_jobs: set[str] = set()  # pipeline threads, until they end
         self._controls: dict[int, Any] = {}  # call id -> its StepControl, while its pipeline runs
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
 
@@ -80,7 +84,7 @@ class DiffusionWorker:
             raise ReplicaUnavailable(self._replica_id, snapshot)
         attributes = {"seidra.replica_id": self._replica_id, "seidra.step": batch.step, "seidra.batch_size": len(batch.items)}
         parents = {item.job_id: (traces or {}).get(item.job_id) for item in batch.items}
-        with tracing.job_spans("seidra.inference", parents, attributes) as spans:
+        with self._in_call(batch.job_ids), tracing.job_spans("seidra.inference", parents, attributes) as spans:
             try:
                 results = await self._advance(batch, spans)
             except asyncio.CancelledError:  # not an Exception: OpenTelemetry would not mark it
@@ -90,6 +94,15 @@ class DiffusionWorker:
             for result in results:
                 spans[result.job_id].set_attribute("seidra.step_reached", result.step)
             return results
+
+    @contextlib.contextmanager
+    def _in_call(self, job_ids: tuple[str, ...]) -> Iterator[None]:
+        self._in_calls.update(job_ids)
+        try:
+            yield
+        finally:
+            self._in_calls.subtract(job_ids)
+            self._in_calls = +self._in_calls  # without the jobs no call holds any more
 
     def request_yield(self, request: YieldRequest) -> None:
         """The router wants this call's slot: stop it at its next slice boundary."""
@@ -160,7 +173,7 @@ class DiffusionWorker:
     async def _stored(self, result: WorkResult, png: bytes) -> WorkResult:
         job_id = result.job_id
         try:
-            return replace(result, object_key=await self._store_image(job_id, png))
+            return replace(result, object_key=await self._store_image(job_id, image_key(job_id), png))
         except StorageUnavailable as unavailable:
             return replace(result, storage_error=unavailable.reason)
 
@@ -218,16 +231,8 @@ class DiffusionWorker:
             self._send_progress(batch.call_id, batch.step)
         return load.result()
 
-    async def _store_image(self, job_id: str, png: bytes) -> str:
+    async def _store_image(self, job_id: str, key: str, png: bytes) -> str:
         """Put the image, retrying with backoff for `upload_timeout_s`; then StorageUnavailable."""
-        key = image_key(job_id)
-        self._uploading.add(job_id)  # still running here: a restarted router must not send it elsewhere
-        try:
-            return await self._upload(job_id, key, png)
-        finally:
-            self._uploading.discard(job_id)
-
-    async def _upload(self, job_id: str, key: str, png: bytes) -> str:
         deadline = time.monotonic() + self._storage.upload_timeout_s
         with tracing.job_span("seidra.upload", job_id, attributes={"seidra.object_key": key, "seidra.bytes": len(png)}) as span:
             attempt = 0
@@ -277,7 +282,7 @@ class DiffusionWorker:
         self._object_store().put(key, png, "image/png")
 
     def get_status_snapshot(self) -> ReplicaSnapshot:
-        running = self._running_jobs | self._uploading
+        running = self._running_jobs.union(self._in_calls)
         return replace(self.model_manager.get_status_snapshot(), running_jobs=tuple(sorted(running)))
 
     def check_health(self) -> None:

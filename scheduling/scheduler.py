@@ -262,6 +262,9 @@ class JobRecord:
     hold: Hold | None = None
     next_delay_at: float = 0.0  # while held: when the next delay is recorded if the outage lasts
     ready_at: float = 0.0  # while deferred
+    # Taken over from the database: a previous router may have sent it (its `running` write lost
+    # with it, when it died before the write landed), so its image may be stored already.
+    recovered: bool = False
     # Recovered as running: a replica that has not reported yet may still run a previous router's call.
     inherited_until: float = 0.0
     batch_key: tuple[Any, ...] | None = None  # while indexed for batching
@@ -426,7 +429,9 @@ class Scheduler:
 
         A job stored as running has no call here: its answer went to a router that is gone, so it
         runs again from the start, once no replica reports that call as running any more (see
-        `schedule`); a replica that finds its image stored already just reports it done.
+        `schedule`). So may a job stored as pending: a router sends a call before its `running`
+        write lands. Either way, a replica that finds the job's image stored already just reports
+        it done.
         """
         actions: list[Action] = []
         now = self._clock()
@@ -435,6 +440,7 @@ class Scheduler:
                 continue
             record = self._new_record(spec)
             record.failures = spec.failures
+            record.recovered = True
             record.hold = spec.hold
             if record.hold is not None:
                 record.next_delay_at = now + record.hold.last.retry_after_s
@@ -862,7 +868,7 @@ class Scheduler:
             step=record.step,
             latents=checkpoint.latents if checkpoint else None,
             trace_context=record.trace_context,
-            may_be_stored=record.storage_faults > 0 or (checkpoint is None and record.inherited_until > 0),
+            may_be_stored=record.storage_faults > 0 or (checkpoint is None and record.recovered),
         )
 
     # ----- the database's view -----

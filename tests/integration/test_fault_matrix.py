@@ -84,6 +84,32 @@ def test_the_router_killed_mid_dispatch(app: RunningApp) -> None:
     assert finished[0]["metadata"].get("requeued") == "router restarted"
 
 
+def test_the_router_killed_after_a_start_its_database_write_never_recorded(app: RunningApp, postgres: PostgresServer) -> None:
+    """The router sends a call without waiting for its `running` write: the dead router's next job
+    is `pending` in the database while the replica runs it. Its new router must not store it twice."""
+    import ray
+
+    from scheduling.router import get_router
+    from serve_app.app import APP_NAME
+
+    if not postgres.serves(StorageSettings().database_url):
+        unavailable("the session's app does not run on this PostgreSQL server")
+    app.inject(inference_delay_s=0.05)
+    first, second = (app.submit(prompt=f"sent before its write {i}", num_inference_steps=60)["id"] for i in range(2))
+    app.wait_for([first], statuses=("running",), timeout_s=60)
+
+    def running_on_the_replica() -> bool:
+        return any(second in worker["running_jobs"] for worker in app.status()["workers"])
+
+    with stoppable(postgres.process, "PostgreSQL").down():
+        app.eventually(running_on_the_replica, "the second job sent while its write waits for the database")
+        ray.kill(get_router(APP_NAME), no_restart=False)
+    finished = app.wait_for([first, second], timeout_s=180)
+    for job in finished:
+        stored_once(app, job)
+    assert all(job["metadata"].get("failures", 0) == 0 for job in finished)
+
+
 def test_postgresql_stopped_during_submissions_and_completions(app: RunningApp, postgres: PostgresServer) -> None:
     if not postgres.serves(StorageSettings().database_url):
         unavailable("the session's app does not run on this PostgreSQL server")

@@ -434,6 +434,19 @@ def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -
     assert start.batch.items[0].job_id == "inherited" and start.batch.items[0].may_be_stored  # the replica looks first
 
 
+def test_a_job_recovered_as_pending_is_looked_for_in_the_store_before_its_first_run() -> None:
+    core = Core()  # the previous router may have sent it just before it died, its write unrecorded
+    core.scheduler.recover([spec("sent-unrecorded")], reason="router restarted")
+    core.report("gpu", running=("sent-unrecorded",))
+    assert core.starts() == []  # that call still runs it
+    core.report("gpu")
+    [start] = core.starts()
+    assert start.batch.items[0].may_be_stored
+    core.finish_slice(start, steps=4)
+    [resumed] = core.starts()
+    assert not resumed.batch.items[0].may_be_stored  # from this router's own checkpoint
+
+
 def test_progress_shows_the_step_reached_the_queue_position_and_the_hold() -> None:
     core = Core()
     core.submit(spec("rt-1", priority=2), spec("batch-1", priority=8, arrival=1), spec("batch-2", priority=8, arrival=2))
