@@ -100,7 +100,9 @@ def test_keys_webhook_default_and_secret(
     monkeypatch.setenv("SEIDRA_DATABASE_URL", database_url)
     store = ApiKeyStore(database_url)
     assert main(["keys", "create", "--user", "alice", "--webhook-url", "https://hooks.example/a"]) == 0
-    key_id = capsys.readouterr().out.strip().split("_")[1]
+    out, err = capsys.readouterr()
+    key_id = out.strip().split("_")[1]
+    assert f"seidra keys webhook-secret {key_id}" in err  # how to get the secret that verifies deliveries
     made = store.webhook(key_id)
     assert made is not None and made.url == "https://hooks.example/a"
     [listed] = keys_json(capsys)
