@@ -8,8 +8,9 @@ written in two threads of the sender's own, so deliveries never take the threads
 database calls run in.
 
 Deliveries live in the database (`storage/webhooks.py`): a restarted router resumes the pending ones
-at their due time. A delivery is sent at least once: an attempt cut short by a crash, whose answer
-was not recorded, is made again. Every `sweep_interval_s` the armed batch deliveries are looked at,
+at their due time, and makes those its predecessor died before storing (after their jobs' final
+writes). A delivery is sent at least once: an attempt cut short by a crash, whose answer was not
+recorded, is made again. Every `sweep_interval_s` the armed batch deliveries are looked at,
 and those whose batch ended unseen (before the API armed it, or while no router ran) are fired.
 """
 
@@ -94,6 +95,7 @@ class WebhookSender:
         self._keys = keys
         self._config = config
         self._clock = clock
+        self._started_s = clock()  # jobs that ended before it were a previous router's
         self._due: list[tuple[float, uuid.UUID]] = []
         self._held: set[uuid.UUID] = set()  # in the heap or being attempted: never twice at once
         self._wake = asyncio.Event()
@@ -118,6 +120,7 @@ class WebhookSender:
         """Take up the pending deliveries a previous router left, then start each attempt when it is
         due and a slot is free; meanwhile, sweep the armed batches."""
         self._spawn(self._sweep_batches())
+        self._spawn(self._deliver_unstored())
         pending = await self._db(self._store.pending)
         for delivery_id, due in pending:
             self._schedule(delivery_id, self._clock() if due is None else due.timestamp())
@@ -153,6 +156,16 @@ class WebhookSender:
                 self._schedule(delivery_id, now_s)
         if job.batch_id is not None:
             await self._batch_ended(job.owner, job.batch_id)
+
+    async def _deliver_unstored(self) -> None:
+        """Make the deliveries of the jobs that a previous router ended but died before it stored
+        their deliveries, among those that ended within the retry window."""
+        since = utc(self._started_s - self._config.policy.retry_for_s)
+        jobs = await self._db(self._store.ended_without_delivery, since, utc(self._started_s))
+        if jobs:
+            logger.warning("Webhooks: %d jobs ended without their deliveries stored (a router stopped); making them", len(jobs))
+        for job in jobs:
+            self.job_ended(job)
 
     async def _batch_ended(self, owner: str, batch_id: str) -> None:
         """Fire the batch's armed delivery if none of its jobs is unfinished; of the jobs that end

@@ -41,6 +41,13 @@ class GenerationJob(SQLModel, table=True):
         _newest_first("generation_jobs", "owner", "status"),
         # The router's queue rebuild: unfinished jobs in dispatch order.
         sa.Index("ix_generation_jobs_status_priority_created_at_id", "status", "priority", "created_at", "id"),
+        # Webhook deliveries a dead router left unstored: keyed jobs by when they ended.
+        sa.Index(
+            "ix_generation_jobs_finished_at_keyed",
+            "finished_at",
+            postgresql_where=sa.text("key_id IS NOT NULL"),
+            sqlite_where=sa.text("key_id IS NOT NULL"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

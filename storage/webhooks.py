@@ -18,8 +18,9 @@ from sqlmodel import Session, col, select
 
 from storage.database import for_writes, get_engine
 from storage.delivery import BATCH_EVENT, DeliveryStatus
+from storage.job_status import TERMINAL
 from storage.jobs import UNFINISHED, as_utc
-from storage.models import GenerationJob, WebhookDelivery
+from storage.models import ApiKey, GenerationJob, WebhookDelivery
 
 SUPERSEDED = "superseded: the job ended again"
 
@@ -180,6 +181,32 @@ class WebhookStore:
         )
         with self._session() as session:
             return [(delivery_id, as_utc(due)) for delivery_id, due in session.exec(query)]
+
+    def ended_without_delivery(self, since: datetime, until: datetime) -> list[GenerationJob]:
+        """Jobs that ended between `since` and `until` with a webhook (their own, or their key's
+        default) but no delivery made since they ended: their router died between the job's final
+        write and its delivery's. Oldest first."""
+        delivered = select(WebhookDelivery.id).where(
+            WebhookDelivery.job_id == GenerationJob.id,
+            WebhookDelivery.event != BATCH_EVENT,
+            col(WebhookDelivery.created_at) >= GenerationJob.finished_at,
+        )
+        query = (
+            select(GenerationJob)
+            .join(ApiKey, col(ApiKey.key_id) == GenerationJob.key_id)
+            .where(
+                col(GenerationJob.key_id).is_not(None),  # the partial index's condition, said where it is seen
+                col(GenerationJob.finished_at) >= since,
+                col(GenerationJob.finished_at) < until,
+                col(GenerationJob.status).in_([status.value for status in TERMINAL]),
+                sa.or_(col(GenerationJob.webhook_url).is_not(None), col(ApiKey.webhook_url).is_not(None)),
+                col(ApiKey.revoked_at).is_(None),
+                ~sa.exists(delivered),
+            )
+            .order_by(col(GenerationJob.finished_at))
+        )
+        with self._session() as session:
+            return list(session.exec(query))
 
     def armed_batches(self) -> list[tuple[str, str]]:
         """(owner, batch id) of every armed batch delivery: the router sweeps them for batches that

@@ -294,7 +294,7 @@ def test_migration_0003_gives_earlier_rows_no_owner(database_url: str) -> None:
     job = new_job(owner="ignored: the column does not exist yet")
     insert_into_older_schema(database_url, job, Notification(job_id=job.id, level="info", message="before"))
     upgrade(database_url)
-    assert current_revision(database_url) == "0006"
+    assert current_revision(database_url) == "0007"
     assert schema_differences(database_url) == []
 
     store = JobStore(database_url)

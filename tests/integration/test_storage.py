@@ -144,7 +144,7 @@ def statements(database_url: str) -> Iterator[list[tuple[str, Any, bool]]]:
 def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
     upgrade(database_url)
     upgrade(database_url)  # idempotent: `seidra up` runs it every time
-    assert current_revision(database_url) == "0006"
+    assert current_revision(database_url) == "0007"
     assert schema_differences(database_url) == []
 
 

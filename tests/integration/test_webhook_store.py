@@ -126,6 +126,39 @@ def test_deleting_a_job_deletes_its_deliveries(store: JobStore, webhooks: Webhoo
     assert not webhooks.add_job_delivery(job_delivery(job))  # a job gone has no delivery made
 
 
+def test_the_jobs_a_dead_router_ended_without_a_delivery_are_found(
+    store: JobStore,  # noqa: F811
+    webhooks: WebhookStore,
+    database_url: str,  # noqa: F811
+) -> None:
+    keys = ApiKeyStore(database_url)
+    with_default = keys.create("alice", webhook_url="https://hooks.example/default").record.key_id
+    without_default, revoked = keys.create("bob").record.key_id, keys.create("carol").record.key_id
+    jobs = store.add_all([
+        new_job(owner="alice", key_id=with_default),  # the key's default webhook
+        new_job(owner="bob", key_id=without_default, webhook_url="https://hooks.example/own"),
+        new_job(owner="bob", key_id=without_default),  # no webhook at all
+        new_job(owner="carol", key_id=revoked, webhook_url="https://hooks.example/own"),  # nothing signs it
+        new_job(owner="alice", key_id=with_default),  # its delivery was stored
+        new_job(owner="alice", key_id=with_default),  # ended again after its delivery
+        new_job(owner="alice", key_id=with_default),  # still running
+        new_job(owner="alice"),  # no key (authentication off)
+    ])  # fmt: skip
+    keys.revoke(revoked)
+    for job in jobs[:6]:
+        ended(store, job)
+    store.transition(jobs[6].id, JobStatus.RUNNING)
+    ended(store, jobs[7])
+    assert webhooks.add_job_delivery(job_delivery(store.get(jobs[4].id), at=datetime.now(timezone.utc)))
+    now = datetime.now(timezone.utc)
+    assert webhooks.add_job_delivery(job_delivery(store.get(jobs[5].id), at=now - timedelta(minutes=5)))
+
+    found = webhooks.ended_without_delivery(now - timedelta(hours=1), now + timedelta(seconds=1))
+    assert [job.id for job in found] == [jobs[0].id, jobs[1].id, jobs[5].id]
+    assert webhooks.ended_without_delivery(now - timedelta(hours=1), now - timedelta(hours=1) + timedelta(seconds=1)) == []
+    assert webhooks.ended_without_delivery(now + timedelta(seconds=1), now + timedelta(hours=1)) == []
+
+
 # ----- a batch's delivery -----
 
 

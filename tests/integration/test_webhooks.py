@@ -175,6 +175,30 @@ def test_a_delivery_pending_when_the_router_restarts_is_resumed(app: RunningApp,
     assert log["last_status"] == 200
 
 
+def test_a_job_whose_router_died_before_storing_its_delivery_is_delivered_by_the_next(app: RunningApp, caller: Caller) -> None:
+    """The router stores a job's delivery after the job's final write; one that dies in between
+    leaves the job ended without a delivery. That state is made here with SQL, then the router killed."""
+    import ray
+    import sqlalchemy as sa
+
+    from scheduling.router import get_router
+    from serve_app.app import APP_NAME
+    from storage.database import get_engine
+    from storage.models import WebhookDelivery
+    from storage.settings import StorageSettings
+
+    with receiver() as hook:
+        job = caller.submit(webhook_url=hook.url())
+        first = delivery_log(app, caller, job["id"], "delivered")
+        with get_engine(StorageSettings().database_url).begin() as connection:
+            connection.execute(sa.delete(WebhookDelivery).where(sa.column("job_id") == uuid.UUID(job["id"])))
+        ray.kill(get_router(APP_NAME), no_restart=False)  # Ray restarts it: max_restarts=-1
+        [_, again] = hook.wait_for(2, timeout_s=60)
+    assert again.document["job"]["id"] == job["id"] and again.document["id"] != first["delivery_id"]
+    assert verify(caller.secret, again.headers["seidra-signature"], again.body)
+    assert delivery_log(app, caller, job["id"], "delivered")["delivery_id"] == again.document["id"]
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
