@@ -46,7 +46,7 @@ MAX_END_USER_CHARS = 256
 # Five digits at most: a size of a million digits must not become an integer before it is refused.
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 # The native request's fields a `seidra` object may set; the prompt and the size are OpenAI's own.
-EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "priority")
+EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "priority", "loras")
 IGNORED = "OpenAI's; accepted and ignored: a diffusers pipeline has no such setting."
 # The openai client retries 5xx answers: jobs that failed or are still running must not be submitted again.
 NO_RETRY = {"x-should-retry": "false"}
@@ -105,7 +105,7 @@ class ImageGenerationRequest(BaseModel):
         None,
         description="SEIDRA's own fields: `priority` (0-4 or `high`/`normal`: the realtime lane, the default; "
         "5-9 or `low`: the batch lane), `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed` "
-        "(image i gets seed + i).",
+        "(image i gets seed + i), `loras` (`[{\"name\", \"scale\"}]`, adapters of SEIDRA_LORA_DIR).",
     )
 
     def dimensions(self) -> tuple[int, int]:
@@ -256,9 +256,12 @@ def _detail(body: bytes) -> Any:
 
 
 def _param(error: dict[str, Any]) -> str | None:
-    """The field a FastAPI error names, as OpenAI's `param`: its location without `body` (or `header`)."""
+    """The field a FastAPI error names, as OpenAI's `param`: its location without `body` (or `header`),
+    list positions included (`seidra.loras.0.name`)."""
     where = error.get("loc", [])[1:]
-    return ".".join(where) if where and all(isinstance(part, str) for part in where) else None
+    if not where or not isinstance(where[0], str):  # `["body", 12]`: a position in a body that is no JSON
+        return None
+    return ".".join(str(part) for part in where) if all(isinstance(part, (str, int)) for part in where) else None
 
 
 def _field_message(error: dict[str, Any]) -> str:
@@ -351,7 +354,10 @@ class OpenAIRoutes:
         self._require_served(request.model)
         jobs = request.to_job_fields()
         batch_id = str(uuid.uuid4()) if len(jobs) > 1 else None  # one submission: GET /jobs?batch_id= lists its images
-        submission = await self._submit(principal, request, jobs, GENERATIONS_PATH, idempotency_key, batch_id)
+        try:
+            submission = await self._submit(principal, request, jobs, GENERATIONS_PATH, idempotency_key, batch_id)
+        except RequestValidationError as refused:  # an unknown adapter, named where the native body has it
+            raise RequestValidationError([_as_openai_field({**error, "loc": error["loc"][1:]}) for error in refused.errors()]) from None
         job_ids = [job.id for job in submission.jobs]
         await asyncio.gather(*(self._wait(job_id, LIMITS.wait_timeout_s) for job_id in job_ids))
         ended = await asyncio.to_thread(_stored, self._jobs, job_ids, principal.user)

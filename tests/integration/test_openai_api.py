@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.ray_app import SECOND_MODEL, RunningApp
+from tests.ray_app import ADAPTER, SECOND_MODEL, RunningApp
 
 CHEAP = {"num_inference_steps": 4}
 
@@ -102,6 +102,21 @@ def test_the_batch_lane_through_the_extension_with_the_model_named(app: RunningA
     assert (job["lane"], job["priority"], job["status"], job["model"]) == ("batch", 8, "completed", SECOND_MODEL)
 
 
+def test_a_lora_adapter_through_the_extension(app: RunningApp, client: OpenAI) -> None:
+    def generate(**seidra: object) -> tuple[bytes, dict[str, object]]:
+        made = client.images.generate(
+            prompt="a tile", model=SECOND_MODEL, size="64x64", response_format="b64_json",
+            extra_body={"seidra": {**CHEAP, "seed": 3, **seidra}},
+        )  # fmt: skip
+        [image] = made.data
+        return base64.b64decode(image.b64_json or ""), app.job(image.model_extra["seidra"]["job_id"])
+
+    plain, _ = generate()
+    inked, job = generate(loras=[{"name": ADAPTER, "scale": 0.8}])
+    assert (job["status"], job["model"], job["loras"]) == ("completed", SECOND_MODEL, [{"name": ADAPTER, "scale": 0.8}])
+    assert inked != plain
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -110,6 +125,8 @@ def test_the_batch_lane_through_the_extension_with_the_model_named(app: RunningA
         ({"prompt": ""}, "prompt"),
         ({"extra_body": {"seidra": {"num_inference_steps": 0}}}, "seidra.num_inference_steps"),
         ({"extra_body": {"colour": "red"}}, "colour"),
+        ({"extra_body": {"seidra": {"loras": [{"name": "no-such-adapter"}]}}}, "seidra.loras.0.name"),
+        ({"extra_body": {"seidra": {"loras": [{"name": ADAPTER, "scale": 99}]}}}, "seidra.loras.0.scale"),
     ],
 )
 def test_a_bad_request_is_the_clients_bad_request_error_naming_the_field(

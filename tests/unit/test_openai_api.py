@@ -107,6 +107,7 @@ def test_openai_fields_without_a_diffusers_equivalent_are_accepted_and_ignored()
     assert len(request(**ignored, output_format="png", stream=False).to_job_fields()) == 1
 
 
+@pytest.mark.usefixtures("without_session_models")
 def test_the_served_model_is_named_by_its_last_path_component() -> None:
     assert served_models(WorkerSettings(model="stabilityai/sd-turbo")) == ["sd-turbo"]
     assert served_models(WorkerSettings(model="/srv/models/tiny/")) == ["tiny"]
