@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -123,7 +123,8 @@ class ModelManager:
         self.default_model = settings.default_model()
         # Held models, least recently used first. Changed in calls' threads, read by the heartbeat.
         self._runners: OrderedDict[str, Any] = OrderedDict()
-        self._held = threading.Lock()
+        self._leases: Counter[str] = Counter()  # calls between `lease` and `give_back`, per model
+        self._held = threading.Condition()
         self._loading = threading.Lock()  # one load at a time: two would need the memory of both
         self._load_error: str | None = None
         # As the default model loaded at start: the replica's device, and that model's dtype.
@@ -147,37 +148,58 @@ class ModelManager:
         NotServed for a model or adapter the settings do not serve, ModelLoadFailed when the model
         does not load.
         """
+        return self._runner(model, adapters, leased=False)
+
+    def lease(self, model: str, adapters: Collection[str] = ()) -> Any:
+        """`runner_for`, and the runner stays here until `give_back(runner)`: a call between the two
+        uses it, so no other call's load evicts it meanwhile."""
+        return self._runner(model, adapters, leased=True)
+
+    def give_back(self, runner: Any) -> None:
+        with self._held:
+            self._leases[runner.name] -= 1
+            self._held.notify_all()
+
+    def _runner(self, model: str, adapters: Collection[str], leased: bool) -> Any:
         name = self._settings.check_served(model, adapters)
         with self._loading:
             with self._held:
                 runner = self._runners.get(name)
                 if runner is not None:
                     self._runners.move_to_end(name)
+                    self._leases[name] += leased
                     return runner
             try:
-                return self._load(name)
+                return self._load(name, leased)
             except Exception as error:
                 raise ModelLoadFailed(f"model {name!r} did not load: {type(error).__name__}: {error}") from error
 
-    def _load(self, name: str) -> Any:
+    def _load(self, name: str, leased: bool = False) -> Any:
         self._evict(keep=self._settings.models_per_replica - 1)
         started = self._clock()
         runner = self._load_runner(name)
         self._events.loaded(name, self._clock() - started)
         with self._held:
             self._runners[name] = runner
+            self._leases[name] += leased
         return runner
 
     def _evict(self, keep: int) -> None:
-        """Let go of the least recently used models until `keep` are left."""
+        """Let go of the least recently used models until `keep` are left; a leased one only once
+        it is given back (a call running on it ends within a step once cancelled)."""
         while True:
             with self._held:
                 if len(self._runners) <= keep:
                     return
-                name, runner = self._runners.popitem(last=False)
+                name = self._held.wait_for(self._idle_model)
+                runner = self._runners.pop(name)
             runner.release()
             self._events.evicted(name)
             logger.info("Evicted model %s to make room for another", name)
+
+    def _idle_model(self) -> str | None:
+        """The least recently used model that no call holds a lease on."""
+        return next((name for name in self._runners if self._leases[name] <= 0), None)
 
     def held(self) -> dict[str, tuple[str, ...]]:
         """The models held here, least recently used first, each with the adapters loaded into it."""

@@ -218,15 +218,18 @@ class DiffusionWorker:
     async def _infer(self, batch: WorkBatch, control: Any) -> tuple[list[Any], float]:
         """The call's outputs, and how long its pipeline ran (its model's load not included)."""
         runner = await self._runner(batch)
-        started = time.perf_counter()
-        outputs = await asyncio.to_thread(runner.advance, batch, control)
-        return outputs, time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            outputs = await asyncio.to_thread(runner.advance, batch, control)
+            return outputs, time.perf_counter() - started
+        finally:
+            self.model_manager.give_back(runner)
 
     async def _runner(self, batch: WorkBatch) -> Any:
-        """The runner of the batch's model, with its adapters known (ModelManager.runner_for)."""
+        """The runner of the batch's model, leased (ModelManager.lease), with its adapters known."""
         params = batch.items[0].params  # the jobs of a call share model and adapters
         adapters = [lora.name for lora in params.loras]
-        load = asyncio.ensure_future(asyncio.to_thread(self.model_manager.runner_for, params.model, adapters))
+        load = asyncio.ensure_future(asyncio.to_thread(self.model_manager.lease, params.model, adapters))
         while not (await asyncio.wait({load}, timeout=LOAD_REPORT_INTERVAL_S))[0]:
             self._send_progress(batch.call_id, batch.step)
         return load.result()

@@ -3,6 +3,7 @@ clock and fake model loads."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -250,6 +251,25 @@ def test_at_one_model_per_replica_each_other_model_evicts_the_held_one_before_it
     assert loader.loads == [("a", ()), ("b", ()), ("a", ()), ("b", ())]
     assert events.evictions == ["a", "b", "a"]
     assert replica.get_status_snapshot().models == {"b": ()}
+
+
+def test_a_leased_model_is_evicted_only_once_given_back() -> None:
+    replica, loader, events = multi(limit=2)
+    a = replica.lease("a")
+    replica.runner_for("b")
+    replica.runner_for("c")  # a, leased, is the least recently used: b goes instead
+    assert list(replica.held()) == ["a", "c"] and events.evictions == ["b"] and not a.released
+
+    replica, loader, events = multi(limit=1)
+    a = replica.lease("a")
+    loading = threading.Thread(target=replica.runner_for, args=("b",))
+    loading.start()
+    loading.join(timeout=0.2)
+    assert loading.is_alive() and not a.released and list(replica.held()) == ["a"]  # the call on a goes on
+    replica.give_back(a)
+    loading.join(timeout=10)
+    assert not loading.is_alive() and a.released and list(replica.held()) == ["b"]
+    assert [model for model, _ in loader.loads] == ["a", "b"]
 
 
 def test_the_snapshot_names_the_adapters_loaded_into_each_model(tmp_path: Path) -> None:
