@@ -19,10 +19,7 @@ class Catalog:
     def __init__(self, worker: WorkerSettings) -> None:
         self._worker = worker
         self.models = served_models(worker)
-
-    @property
-    def default_model(self) -> str:
-        return self.models[0] if self.models else ""
+        self.default_model = worker.default_model()
 
     def adapters(self) -> list[str]:
         """Read at each request: an operator adds an adapter by adding its folder."""

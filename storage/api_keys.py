@@ -25,9 +25,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
-from storage.database import for_writes, get_engine
+from storage.database import Store
 from storage.jobs import as_utc
 from storage.models import ApiKey, utcnow
 
@@ -127,11 +127,7 @@ def _usable(key: ApiKey, now: datetime) -> bool:
     return key.revoked_at is None and (key.expires_at is None or as_utc(key.expires_at) > now)
 
 
-class ApiKeyStore:
-    def __init__(self, database_url: str) -> None:
-        self._engine = get_engine(database_url)
-        self._writer = for_writes(self._engine)
-
+class ApiKeyStore(Store):
     def create(
         self,
         user: str,
@@ -165,7 +161,7 @@ class ApiKeyStore:
         key_id = secrets.token_hex(KEY_ID_BYTES)
         key_text = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
         record = ApiKey(key_id=key_id, secret_hash=key_hash(key_text), webhook_secret=new_webhook_secret(), **columns)
-        with Session(self._writer, expire_on_commit=False) as session:
+        with self._write_session() as session:
             session.add(record)
             session.commit()
         return CreatedKey(key_text, record)
@@ -178,7 +174,7 @@ class ApiKeyStore:
         parsed = _KEY_PATTERN.fullmatch(key_text)
         if parsed is None:
             return None
-        with Session(self._engine) as session:
+        with self._session() as session:
             key = session.get(ApiKey, parsed.group(1))
         if key is None or not hmac.compare_digest(key.secret_hash, key_hash(key_text)):
             return None
@@ -189,12 +185,12 @@ class ApiKeyStore:
     def list(self) -> list[ApiKey]:
         """Every key, revoked and expired ones included, oldest first."""
         query = select(ApiKey).order_by(col(ApiKey.created_at), col(ApiKey.key_id))
-        with Session(self._engine, expire_on_commit=False) as session:
+        with self._session() as session:
             return list(session.exec(query))
 
     def revoke(self, key_id: str, now: datetime | None = None) -> ApiKey:
         """Revoke a key from `now` on; a key revoked already keeps its first revocation time."""
-        with Session(self._writer, expire_on_commit=False) as session:
+        with self._write_session() as session:
             key = session.exec(select(ApiKey).where(ApiKey.key_id == key_id).with_for_update()).first()
             if key is None:
                 raise KeyNotFound(key_id)
@@ -218,14 +214,14 @@ class ApiKeyStore:
 
     def webhook(self, key_id: str) -> KeyWebhook | None:
         """The key's webhook URL and secret, for the router; None for a key that no longer exists."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             key = session.get(ApiKey, key_id)
         if key is None or key.webhook_secret is None:
             return None
         return KeyWebhook(key.key_id, key.webhook_url, key.webhook_secret, key.revoked_at is not None)
 
     def _edit(self, key_id: str, **changes: Any) -> ApiKey:
-        with Session(self._writer, expire_on_commit=False) as session:
+        with self._write_session() as session:
             key = session.exec(select(ApiKey).where(ApiKey.key_id == key_id).with_for_update()).first()
             if key is None:
                 raise KeyNotFound(key_id)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -61,6 +62,21 @@ def _sqlite_engine(url: str) -> Engine:
 def for_writes(engine: Engine) -> Engine:
     """`engine`, sharing its pool, for transactions that write: on SQLite they lock at BEGIN."""
     return engine.execution_options(**{WRITES: True})
+
+
+class Store:
+    """A store's sessions: reads on the process's engine for its URL, writes as writers (`for_writes`).
+    Rows stay readable after their session commits."""
+
+    def __init__(self, database_url: str) -> None:
+        self._engine = get_engine(database_url)
+        self._writer = for_writes(self._engine)
+
+    def _session(self) -> Session:
+        return Session(self._engine, expire_on_commit=False)
+
+    def _write_session(self) -> Session:
+        return Session(self._writer, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Session, col, select
 
 from storage.batches import BatchConflict, ChangedJob, image_changes
-from storage.database import for_writes, get_engine
+from storage.database import Store
 from storage.job_status import IllegalTransition, JobStatus, check_transition
 from storage.models import GenerationJob, IdempotencyKey, utcnow
 
@@ -150,17 +150,7 @@ def _hold_statement(dialect: str) -> sa.Update:
     )
 
 
-class JobStore:
-    def __init__(self, database_url: str) -> None:
-        self._engine = get_engine(database_url)
-        self._writer = for_writes(self._engine)
-
-    def _session(self) -> Session:
-        return Session(self._engine, expire_on_commit=False)
-
-    def _write_session(self) -> Session:
-        return Session(self._writer, expire_on_commit=False)
-
+class JobStore(Store):
     def add_all(self, jobs: Sequence[GenerationJob]) -> list[GenerationJob]:
         """Insert jobs in one transaction: all of them or none."""
         with self._write_session() as session:

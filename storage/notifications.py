@@ -12,9 +12,9 @@ from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
-from storage.database import for_writes, get_engine
+from storage.database import Store
 from storage.models import GenerationJob, Notification, utcnow
 
 _JOBS = GenerationJob.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models; its stubs do not say so
@@ -30,14 +30,10 @@ class Level(str, Enum):
     ERROR = "error"
 
 
-class NotificationService:
-    def __init__(self, database_url: str) -> None:
-        self._engine = get_engine(database_url)
-        self._writer = for_writes(self._engine)
-
+class NotificationService(Store):
     def notify(self, job_id: uuid.UUID | str | None, level: Level, message: str) -> Notification:
         job_uuid = _job_uuid(job_id)
-        with Session(self._writer, expire_on_commit=False) as session:
+        with self._write_session() as session:
             owner = session.exec(select(GenerationJob.owner).where(GenerationJob.id == job_uuid)).first() if job_uuid else None
             notification = Notification(job_id=job_uuid, level=level.value, message=message, owner=owner or "")
             session.add(notification)
@@ -70,7 +66,7 @@ class NotificationService:
         if level is not None:
             query = query.where(Notification.level == level.value)
         query = query.order_by(col(Notification.created_at).desc(), col(Notification.id)).limit(limit)
-        with Session(self._engine, expire_on_commit=False) as session:
+        with self._session() as session:
             return list(session.exec(query))
 
 

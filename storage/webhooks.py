@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from storage.database import for_writes, get_engine
+from storage.database import Store
 from storage.delivery import BATCH_EVENT, DeliveryStatus
 from storage.job_status import TERMINAL
 from storage.jobs import UNFINISHED, as_utc
@@ -59,17 +59,7 @@ def delivery_log(delivery: WebhookDelivery) -> dict[str, Any]:
     }
 
 
-class WebhookStore:
-    def __init__(self, database_url: str) -> None:
-        self._engine = get_engine(database_url)
-        self._writer = for_writes(self._engine)
-
-    def _session(self) -> Session:
-        return Session(self._engine, expire_on_commit=False)
-
-    def _write_session(self) -> Session:
-        return Session(self._writer, expire_on_commit=False)
-
+class WebhookStore(Store):
     def get(self, delivery_id: uuid.UUID) -> WebhookDelivery | None:
         with self._session() as session:
             return session.get(WebhookDelivery, delivery_id)
