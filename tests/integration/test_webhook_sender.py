@@ -38,6 +38,8 @@ class Setup:
         self.secret = self.keys.rotate_webhook_secret(self.key_id)
 
     def sender(self, **config: Any) -> WebhookSender:
+        """Made before the jobs it is handed, as the router is: a sender makes the deliveries of the
+        jobs that ended before it without one itself (a dead router's)."""
         settings = {"policy": FAST, "timeout_s": 5.0, "concurrency": 4, "allow_private": True, "sweep_interval_s": 0.2}
         return WebhookSender(self.webhooks, self.keys, WebhookConfig(**{**settings, **config}))
 
@@ -86,8 +88,9 @@ def ended_as(setup: Setup, job: GenerationJob, status: str, key: str = "webhook"
 
 def test_a_job_is_delivered_signed_to_the_address_checked(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(webhook_url=hook.url("/jobs?token=t"))
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await until(ended_as(setup, job, "delivered"), "delivered")
         [request] = hook.received
@@ -108,8 +111,9 @@ def test_a_job_is_delivered_signed_to_the_address_checked(setup: Setup) -> None:
 
 def test_a_host_name_is_resolved_by_the_sender_connected_to_at_its_address_and_kept_in_host(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(webhook_url=hook.url("/by-name").replace("127.0.0.1", "localhost"))
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await until(ended_as(setup, job, "delivered"), "delivered")
         [request] = hook.received
@@ -121,8 +125,9 @@ def test_a_host_name_is_resolved_by_the_sender_connected_to_at_its_address_and_k
 
 def test_500s_are_tried_again_until_a_2xx_then_the_same_body_is_signed_anew(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(webhook_url=hook.url())
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await until(ended_as(setup, job, "delivered"), "delivered")
         requests = hook.received
@@ -138,8 +143,9 @@ def test_500s_are_tried_again_until_a_2xx_then_the_same_body_is_signed_anew(setu
 
 def test_a_delivery_is_given_up_after_the_last_attempt(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(JobStatus.FAILED, webhook_url=hook.url())
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await until(ended_as(setup, job, "failed"), "given up")
             await asyncio.sleep(1.5)  # nothing more comes
@@ -153,8 +159,9 @@ def test_a_delivery_is_given_up_after_the_last_attempt(setup: Setup) -> None:
 
 def test_a_receiver_that_is_down_or_slow_fails_the_delivery_not_the_caller(setup: Setup) -> None:
     async def scenario(slow: Receiver) -> None:
+        sender = setup.sender(timeout_s=0.3)
         down, late = setup.ended_job(webhook_url=closed_port_url()), setup.ended_job(webhook_url=slow.url())
-        async with running(setup.sender(timeout_s=0.3)) as sender:
+        async with running(sender):
             started = time.monotonic()
             sender.job_ended(down)
             sender.job_ended(late)
@@ -169,8 +176,9 @@ def test_a_receiver_that_is_down_or_slow_fails_the_delivery_not_the_caller(setup
 
 def test_a_private_address_is_refused_at_each_attempt_unless_allowed(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender(allow_private=False)
         job = setup.ended_job(webhook_url=hook.url())
-        async with running(setup.sender(allow_private=False)) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await until(ended_as(setup, job, "failed"), "given up")
         assert hook.received == []
@@ -184,9 +192,10 @@ def test_a_private_address_is_refused_at_each_attempt_unless_allowed(setup: Setu
 
 def test_the_keys_default_webhook_removed_cancels_what_is_pending_for_it(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         setup.keys.set_webhook(setup.key_id, hook.url("/default"))
         job = setup.ended_job(JobStatus.CANCELLED)  # no URL of its own: the key's default
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await arrived(hook, 1)
             setup.keys.set_webhook(setup.key_id, None)
@@ -204,8 +213,9 @@ def test_the_keys_default_webhook_removed_cancels_what_is_pending_for_it(setup: 
 
 def test_a_revoked_key_signs_nothing_more(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(webhook_url=hook.url())
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             await arrived(hook, 1)
             setup.keys.revoke(setup.key_id)
@@ -218,9 +228,10 @@ def test_a_revoked_key_signs_nothing_more(setup: Setup) -> None:
 
 def test_a_job_without_a_key_or_a_webhook_has_no_delivery(setup: Setup) -> None:
     async def scenario() -> None:
+        sender = setup.sender()
         unsigned = setup.ended_job(webhook_url="http://127.0.0.1:9/x", key_id=None)
         plain = setup.ended_job()
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(unsigned)
             sender.job_ended(plain)
             await asyncio.sleep(0.5)
@@ -232,8 +243,9 @@ def test_a_job_without_a_key_or_a_webhook_has_no_delivery(setup: Setup) -> None:
 
 def test_a_new_sender_resumes_what_the_last_one_left_pending(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        first = setup.sender()
         job = setup.ended_job(webhook_url=hook.url())
-        async with running(setup.sender()) as first:
+        async with running(first):
             first.job_ended(job)
             await arrived(hook, 1)
             await until(lambda: setup.log(job).get("attempts") == 1, "the first attempt recorded")
@@ -245,11 +257,26 @@ def test_a_new_sender_resumes_what_the_last_one_left_pending(setup: Setup) -> No
         asyncio.run(scenario(hook))
 
 
+def test_a_new_sender_delivers_what_the_last_one_ended_but_died_before_storing(setup: Setup) -> None:
+    async def scenario(hook: Receiver) -> None:
+        job = setup.ended_job(webhook_url=hook.url())  # its router died before `job_ended`
+        no_webhook = setup.ended_job()
+        async with running(setup.sender()):  # a restarted router
+            await until(ended_as(setup, job, "delivered"), "delivered")
+            await asyncio.sleep(0.5)
+        [request] = hook.received
+        assert request.document["job"]["id"] == str(job.id) and setup.log(no_webhook) == {}
+
+    with receiver() as hook:
+        asyncio.run(scenario(hook))
+
+
 def test_a_batch_is_delivered_once_when_its_jobs_ended_together(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         first, second = (setup.ended_job(batch_id="nightly", status=status) for status in (JobStatus.COMPLETED, JobStatus.FAILED))
         setup.webhooks.arm_batch("alice", "nightly", setup.key_id, hook.url("/batch"))
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(first)
             sender.job_ended(second)
             [request] = await arrived(hook, 1)
@@ -268,8 +295,9 @@ def test_a_batch_is_delivered_once_when_its_jobs_ended_together(setup: Setup) ->
 
 def test_a_batch_that_ended_before_it_was_armed_is_found_by_the_sweep(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(batch_id="quick")
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)  # ends before the API armed its batch
             await asyncio.sleep(0.3)
             setup.webhooks.arm_batch("alice", "quick", setup.key_id, hook.url("/batch"))
@@ -282,8 +310,9 @@ def test_a_batch_that_ended_before_it_was_armed_is_found_by_the_sweep(setup: Set
 
 def test_attempts_at_once_are_bounded_by_the_concurrency(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender(concurrency=2)
         jobs = [setup.ended_job(webhook_url=hook.url(f"/{index}")) for index in range(6)]
-        async with running(setup.sender(concurrency=2)) as sender:
+        async with running(sender):
             for job in jobs:
                 sender.job_ended(job)
             await until(lambda: all(ended_as(setup, job, "delivered")() for job in jobs), "all delivered")
@@ -297,8 +326,9 @@ def test_attempts_at_once_are_bounded_by_the_concurrency(setup: Setup) -> None:
 
 def test_the_delivery_id_names_the_row(setup: Setup) -> None:
     async def scenario(hook: Receiver) -> None:
+        sender = setup.sender()
         job = setup.ended_job(webhook_url=hook.url())
-        async with running(setup.sender()) as sender:
+        async with running(sender):
             sender.job_ended(job)
             [request] = await arrived(hook, 1)
         stored = setup.webhooks.get(uuid.UUID(request.headers["seidra-delivery"]))
