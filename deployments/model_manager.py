@@ -186,7 +186,8 @@ class ModelManager:
 
     def _evict(self, keep: int) -> None:
         """Let go of the least recently used models until `keep` are left; a leased one only once
-        it is given back (a call running on it ends within a step once cancelled)."""
+        it is given back (a call running on it ends within a step once cancelled). Other calls'
+        look-ups wait meanwhile: they wait for the load anyway, which comes after."""
         while True:
             with self._held:
                 if len(self._runners) <= keep:

@@ -262,11 +262,9 @@ class JobRecord:
     hold: Hold | None = None
     next_delay_at: float = 0.0  # while held: when the next delay is recorded if the outage lasts
     ready_at: float = 0.0  # while deferred
-    # Taken over from the database: a previous router may have sent it (its `running` write lost
-    # with it, when it died before the write landed), so its image may be stored already.
+    # Taken over from the database: a previous router may have run it (its `running` write lost
+    # with that router, if it is pending), so its image may be stored already.
     recovered: bool = False
-    # Recovered as running: a replica that has not reported yet may still run a previous router's call.
-    inherited_until: float = 0.0
     batch_key: tuple[Any, ...] | None = None  # while indexed for batching
     inference_s: float = 0.0  # in the calls that brought it to its checkpoint
 
@@ -428,10 +426,10 @@ class Scheduler:
         """Take over unfinished stored jobs (after a restart, or found by the reconciler).
 
         A job stored as running has no call here: its answer went to a router that is gone, so it
-        runs again from the start, once no replica reports that call as running any more (see
-        `schedule`). So may a job stored as pending: a router sends a call before its `running`
-        write lands. Either way, a replica that finds the job's image stored already just reports
-        it done.
+        runs again from the start. So may a job stored as pending: a router sends a call before its
+        `running` write lands. Either way it waits until every live replica has reported (the
+        worker TTL, deferred) and none reports it running (see `schedule`), and a replica that finds
+        its image stored already just reports it done.
         """
         actions: list[Action] = []
         now = self._clock()
@@ -440,19 +438,16 @@ class Scheduler:
                 continue
             record = self._new_record(spec)
             record.failures = spec.failures
-            record.recovered = True
             record.hold = spec.hold
             if record.hold is not None:
                 record.next_delay_at = now + record.hold.last.retry_after_s
             if spec.status is JobStatus.RUNNING:
                 actions.append(Persist(self._write(record, JobStatus.PENDING, metadata={"requeued": reason})))
-                # Every replica alive reports within the TTL: after it, a previous call still
-                # running would show in `SlotPlan.runs_elsewhere`.
-                record.inherited_until = now + self._config.worker_ttl_s
-            if spec.not_before_s > now:
-                self._defer(record, spec.not_before_s)
-            else:
-                self._enqueue(record)
+            record.recovered = True
+            # A replica that has not reported yet may still run a previous router's call for it.
+            # Every live replica reports within the TTL: after it, such a call shows in
+            # `SlotPlan.runs_elsewhere`. Deferred, it costs nothing to dispatch meanwhile.
+            self._defer(record, max(spec.not_before_s, now + self._config.worker_ttl_s))
         return actions
 
     def _new_record(self, spec: JobSpec) -> JobRecord:
@@ -783,7 +778,7 @@ class Scheduler:
 
     def _runs_elsewhere(self, record: JobRecord, plan: SlotPlan) -> bool:
         """A previous router's call still runs it: running it twice would store its image twice."""
-        return plan.runs_elsewhere(record.job_id) or record.inherited_until > self._clock()
+        return plan.runs_elsewhere(record.job_id)
 
     def _companions(self, first: JobRecord, plan: SlotPlan) -> list[JobRecord]:
         """Waiting jobs to denoise in one call with `first`, up to `max_batch_size` in all: same lane

@@ -33,7 +33,12 @@ class RouterSettings(BaseSettings):
         description="lanes: realtime before batch, by priority, users taking turns. fifo: one queue, oldest "
         "first, no preemption (a baseline for benchmarks).",
     )
-    worker_ttl_s: float = Field(10.0, gt=0, description="A replica silent for this long no longer counts as capacity.")
+    worker_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="A replica silent for this long no longer counts as capacity. A restarted router also waits this "
+        "long before it runs the unfinished jobs it took over, so that every live replica has said which of them it still runs.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Failed runs (errors, timeouts, dead workers) after which a job ends `failed`."
     )

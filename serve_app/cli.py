@@ -534,7 +534,7 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
     until = f"expires {_key_time(record.expires_at)}" if record.expires_at else "does not expire"
     print(f"API key {record.key_id} ({scope} {record.user}, {until}). It is not shown again: keep it now.", file=sys.stderr)
     if record.webhook_url:
-        print(f"Its deliveries are signed: `seidra keys webhook-secret {record.key_id}` prints the secret to verify them.", file=sys.stderr)
+        print(f"Its deliveries are signed: `seidra keys webhook-secret {record.key_id}` makes and prints the secret that verifies them.", file=sys.stderr)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:

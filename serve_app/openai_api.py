@@ -142,6 +142,13 @@ def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
         ) from None
 
 
+def _in_openai_body(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """The catalog's errors about the native body (`body.loras.0.name`), located in OpenAI's, once
+    each: the `n` jobs of a request are one body."""
+    located = (_as_openai_field({**error, "loc": error["loc"][1:]}) for error in errors)
+    return list({(error["loc"], error["msg"]): error for error in located}.values())
+
+
 def _as_openai_field(error: ErrorDetails) -> dict[str, Any]:
     """A native field's error, located where the OpenAI body has that field."""
     name, *inner = error["loc"]
@@ -357,7 +364,7 @@ class OpenAIRoutes:
         try:
             submission = await self._submit(principal, request, jobs, GENERATIONS_PATH, idempotency_key, batch_id)
         except RequestValidationError as refused:  # an unknown adapter, named where the native body has it
-            raise RequestValidationError([_as_openai_field({**error, "loc": error["loc"][1:]}) for error in refused.errors()]) from None
+            raise RequestValidationError(_in_openai_body(refused.errors())) from None
         job_ids = [job.id for job in submission.jobs]
         await asyncio.gather(*(self._wait(job_id, LIMITS.wait_timeout_s) for job_id in job_ids))
         ended = await asyncio.to_thread(_stored, self._jobs, job_ids, principal.user)

@@ -151,6 +151,7 @@ class ApiKeyStore(Store):
             "max_waiting_batch": limits.max_waiting_batch,
             "submissions_per_minute": limits.submissions_per_minute,
             "webhook_url": webhook_url,
+            "webhook_url_since": created_at,
         }
         for _ in range(KEY_ID_DRAWS - 1):
             with contextlib.suppress(sa.exc.IntegrityError):  # the key id drawn is taken
@@ -210,7 +211,7 @@ class ApiKeyStore(Store):
     def set_webhook(self, key_id: str, url: str | None) -> ApiKey:
         """The key's default webhook URL (the caller has checked it); None removes it. Deliveries of
         the old default that are still pending are not sent (`scheduling.webhooks.cancelled_because`)."""
-        return self._edit(key_id, webhook_url=url)
+        return self._edit(key_id, webhook_url=url, webhook_url_since=utcnow())
 
     def webhook(self, key_id: str) -> KeyWebhook | None:
         """The key's webhook URL and secret, for the router; None for a key that no longer exists."""

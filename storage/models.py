@@ -142,6 +142,8 @@ class ApiKey(SQLModel, table=True):
     # the secret that signs every delivery. The secret is kept as it is, not hashed: the router
     # signs with it.
     webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    # Since when `webhook_url` is what it is: a job that ended before was not delivered to it.
+    webhook_url_since: datetime | None = _timestamp()
     webhook_secret: str | None = Field(default=None, max_length=64, repr=False)
 
 

@@ -174,8 +174,8 @@ class WebhookStore(Store):
 
     def ended_without_delivery(self, since: datetime, until: datetime) -> list[GenerationJob]:
         """Jobs that ended between `since` and `until` with a webhook (their own, or their key's
-        default) but no delivery made since they ended: their router died between the job's final
-        write and its delivery's. Oldest first."""
+        default if it was set before they ended) but no delivery of their own made since they ended:
+        their router died between the job's final write and its delivery's. Oldest first."""
         delivered = select(WebhookDelivery.id).where(
             WebhookDelivery.job_id == GenerationJob.id,
             WebhookDelivery.event != BATCH_EVENT,
@@ -189,7 +189,11 @@ class WebhookStore(Store):
                 col(GenerationJob.finished_at) >= since,
                 col(GenerationJob.finished_at) < until,
                 col(GenerationJob.status).in_([status.value for status in TERMINAL]),
-                sa.or_(col(GenerationJob.webhook_url).is_not(None), col(ApiKey.webhook_url).is_not(None)),
+                sa.or_(
+                    col(GenerationJob.webhook_url).is_not(None),
+                    # The key's default as it is now, if it already was when the job ended.
+                    sa.and_(col(ApiKey.webhook_url).is_not(None), col(ApiKey.webhook_url_since) <= GenerationJob.finished_at),
+                ),
                 col(ApiKey.revoked_at).is_(None),
                 ~sa.exists(delivered),
             )

@@ -134,6 +134,7 @@ def test_the_jobs_a_dead_router_ended_without_a_delivery_are_found(
     keys = ApiKeyStore(database_url)
     with_default = keys.create("alice", webhook_url="https://hooks.example/default").record.key_id
     without_default, revoked = keys.create("bob").record.key_id, keys.create("carol").record.key_id
+    default_later = keys.create("dave").record.key_id
     jobs = store.add_all([
         new_job(owner="alice", key_id=with_default),  # the key's default webhook
         new_job(owner="bob", key_id=without_default, webhook_url="https://hooks.example/own"),
@@ -141,20 +142,26 @@ def test_the_jobs_a_dead_router_ended_without_a_delivery_are_found(
         new_job(owner="carol", key_id=revoked, webhook_url="https://hooks.example/own"),  # nothing signs it
         new_job(owner="alice", key_id=with_default),  # its delivery was stored
         new_job(owner="alice", key_id=with_default),  # ended again after its delivery
+        new_job(owner="dave", key_id=default_later),  # no webhook when it ended
+        new_job(owner="alice", key_id=with_default, batch_id="b"),  # it ended its batch: the batch's delivery is not its own
         new_job(owner="alice", key_id=with_default),  # still running
         new_job(owner="alice"),  # no key (authentication off)
     ])  # fmt: skip
     keys.revoke(revoked)
-    for job in jobs[:6]:
+    for job in jobs[:8]:
         ended(store, job)
-    store.transition(jobs[6].id, JobStatus.RUNNING)
-    ended(store, jobs[7])
+    store.transition(jobs[8].id, JobStatus.RUNNING)
+    ended(store, jobs[9])
+    keys.set_webhook(default_later, "https://hooks.example/later")
     assert webhooks.add_job_delivery(job_delivery(store.get(jobs[4].id), at=datetime.now(timezone.utc)))
     now = datetime.now(timezone.utc)
     assert webhooks.add_job_delivery(job_delivery(store.get(jobs[5].id), at=now - timedelta(minutes=5)))
+    webhooks.arm_batch("alice", "b", with_default, "https://hooks.example/batch")
+    [batch] = [webhooks.ended_batch("alice", "b")]
+    assert batch is not None and webhooks.fire_batch(batch.delivery_id, jobs[7].id, "{}", now)
 
     found = webhooks.ended_without_delivery(now - timedelta(hours=1), now + timedelta(seconds=1))
-    assert [job.id for job in found] == [jobs[0].id, jobs[1].id, jobs[5].id]
+    assert [job.id for job in found] == [jobs[0].id, jobs[1].id, jobs[5].id, jobs[7].id]
     assert webhooks.ended_without_delivery(now - timedelta(hours=1), now - timedelta(hours=1) + timedelta(seconds=1)) == []
     assert webhooks.ended_without_delivery(now + timedelta(seconds=1), now + timedelta(hours=1)) == []
 

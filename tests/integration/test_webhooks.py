@@ -180,6 +180,7 @@ def test_a_job_whose_router_died_before_storing_its_delivery_is_delivered_by_the
     leaves the job ended without a delivery. That state is made here with SQL, then the router killed."""
     import ray
     import sqlalchemy as sa
+    from sqlmodel import col
 
     from scheduling.router import get_router
     from serve_app.app import APP_NAME
@@ -191,7 +192,7 @@ def test_a_job_whose_router_died_before_storing_its_delivery_is_delivered_by_the
         job = caller.submit(webhook_url=hook.url())
         first = delivery_log(app, caller, job["id"], "delivered")
         with get_engine(StorageSettings().database_url).begin() as connection:
-            connection.execute(sa.delete(WebhookDelivery).where(sa.column("job_id") == uuid.UUID(job["id"])))
+            connection.execute(sa.delete(WebhookDelivery).where(col(WebhookDelivery.job_id) == uuid.UUID(job["id"])))
         ray.kill(get_router(APP_NAME), no_restart=False)  # Ray restarts it: max_restarts=-1
         [_, again] = hook.wait_for(2, timeout_s=60)
     assert again.document["job"]["id"] == job["id"] and again.document["id"] != first["delivery_id"]

@@ -17,6 +17,7 @@ from serve_app.openai_api import (
     NO_RETRY,
     ImageGenerationRequest,
     OpenAIErrorMiddleware,
+    _in_openai_body,
     _require_completed,
     openai_error,
     refusal,
@@ -141,6 +142,16 @@ def test_validation_errors_are_400_naming_the_first_field() -> None:
         ]
         is None
     )
+
+
+def test_an_unknown_adapter_is_named_once_where_the_openai_body_has_it() -> None:
+    # What the catalog says of a request of n=2: each image is a job, both at the body's top.
+    unknown = {"type": "value_error", "loc": ("body", "loras", 0, "name"), "msg": "unknown LoRA adapter 'x'", "input": "x"}
+    [error] = _in_openai_body([unknown, dict(unknown)])
+    assert error["loc"] == ("body", "seidra", "loras", 0, "name")
+    status, body = openai_error(422, native([error]))
+    assert (status, body["error"]["param"]) == (400, "seidra.loras.0.name")
+    assert body["error"]["message"] == "seidra.loras.0.name: unknown LoRA adapter 'x'"
 
 
 @pytest.mark.parametrize(

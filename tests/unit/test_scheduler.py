@@ -327,9 +327,12 @@ def test_recovery_requeues_running_rows_and_keeps_hold_episodes() -> None:
     assert (persist.write.job_id, persist.write.to_status, persist.write.metadata) == (
         "was-running", JobStatus.PENDING, {"requeued": "router restarted"},
     )  # fmt: skip
+    assert places(core) == {"was-running": Place.DEFERRED, "held": Place.DEFERRED}  # until every replica reported
+    core.clock.advance(10)  # the worker TTL
+    core.tick()
     assert places(core) == {"was-running": Place.WAITING, "held": Place.HELD}
     core.report("gpu", HOT)
-    core.clock.advance(40)
+    core.clock.advance(30)
     [holds] = of_type(core.tick(), HoldJobs)
     by_id = {held.job_id: held for held in holds.jobs}
     assert by_id["held"].hold.delays == 8 and not by_id["held"].new_episode
@@ -420,29 +423,24 @@ def test_work_items_carry_the_jobs_parameters_and_trace() -> None:
     assert not start.batch.items[0].may_be_stored  # a new job: nothing to look for in the store
 
 
-def test_a_job_a_previous_routers_call_still_runs_waits_for_that_call_to_end() -> None:
+def test_jobs_a_previous_router_may_still_run_wait_for_every_replica_then_for_that_call() -> None:
     core = Core()
-    core.scheduler.recover([spec("inherited", status=JobStatus.RUNNING), spec("other", arrival=1)], reason="router restarted")
-    core.report("gpu-b")  # gpu-a, still busy with the dead router's call, has not reported yet
-    assert job_ids(core.starts()) == ["other"]  # not a second run of it on the free replica
-    core.report("gpu-a", running=("inherited",))
-    core.clock.advance(10)  # every live replica has reported since the restart
+    # The dead router's last job is pending in the database: it sent the call before its write landed.
+    core.scheduler.recover([spec("inherited", status=JobStatus.RUNNING), spec("sent-unrecorded", arrival=1)], reason="router restarted")
+    core.report("gpu-b")  # gpu-a, busy with the dead router's call, has not reported yet
+    assert core.starts() == []  # either may run on gpu-a: neither runs a second time on gpu-b
+    core.report("gpu-a", running=("sent-unrecorded",))
+    core.clock.advance(10)  # the worker TTL: every live replica has reported since the restart
+    core.report("gpu-a", running=("sent-unrecorded",))
     core.report("gpu-b")
-    assert core.starts() == []  # gpu-a still runs it: gpu-b stays idle rather than run it twice
-    core.report("gpu-a")  # that call ended (its image stored, if it was the last slice)
     [start] = core.starts()
-    assert start.batch.items[0].job_id == "inherited" and start.batch.items[0].may_be_stored  # the replica looks first
-
-
-def test_a_job_recovered_as_pending_is_looked_for_in_the_store_before_its_first_run() -> None:
-    core = Core()  # the previous router may have sent it just before it died, its write unrecorded
-    core.scheduler.recover([spec("sent-unrecorded")], reason="router restarted")
-    core.report("gpu", running=("sent-unrecorded",))
-    assert core.starts() == []  # that call still runs it
-    core.report("gpu")
-    [start] = core.starts()
-    assert start.batch.items[0].may_be_stored
-    core.finish_slice(start, steps=4)
+    assert (start.batch.replica_id, start.batch.items[0].job_id) == ("gpu-b", "inherited")
+    assert start.batch.items[0].may_be_stored  # the replica looks in the store first
+    core.report("gpu-a")  # the dead router's call ended (its image stored, if it was the last slice)
+    [again] = core.starts()
+    assert (again.batch.replica_id, again.batch.items[0].job_id) == ("gpu-a", "sent-unrecorded")
+    assert again.batch.items[0].may_be_stored
+    core.finish_slice(again, steps=4)
     [resumed] = core.starts()
     assert not resumed.batch.items[0].may_be_stored  # from this router's own checkpoint
 
