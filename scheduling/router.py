@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from opentelemetry import trace
 from ray.serve.handle import DeploymentHandle
 
 from scheduling import metrics, tracing
+from scheduling.background import BackgroundTasks
 from scheduling.directives import InjectedFaults, ReplicaDirectives, ReplicaSnapshot
 from scheduling.hold import Backoff
 from scheduling.job_writer import JobWriter
@@ -158,10 +159,10 @@ class JobRouter:
         self._wake = asyncio.Event()
         self._replica_states: set[tuple[str, str]] = set()  # (mode, health) pairs the gauge has shown
         self._gauges_due = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks("Router")
         loops = (self._writer.run(), self._recover(), self._dispatch_loop(), self._reconcile_loop(), self._webhooks.run())
         for loop_task in loops:
-            self._spawn(loop_task)
+            self._tasks.spawn(loop_task)
 
     # ----- start-up: the core rebuilt from the database -----
 
@@ -446,11 +447,11 @@ class JobRouter:
         if isinstance(action, Start):
             metrics.call_batch_size().observe(len(action.batch.items), tags={"lane": action.lane.value})
             futures = [self._writer.transition(write) for write in action.writes]
-            self._spawn(self._run(action, futures))
+            self._tasks.spawn(self._run(action, futures))
             return None
         if isinstance(action, (Persist, Finish)):
             future = self._writer.transition(action.write)
-            self._spawn(self._after_write(action, future))
+            self._tasks.spawn(self._after_write(action, future))
             return future
         if isinstance(action, HoldJobs):
             self._hold(action)
@@ -461,9 +462,9 @@ class JobRouter:
             self._calls.cancel(action.call_id)
         elif isinstance(action, YieldCall):
             metrics.calls_yielded().inc(tags={"reason": action.reason})
-            self._spawn(self._calls.request_yield(action.request))
+            self._tasks.spawn(self._calls.request_yield(action.request))
         elif isinstance(action, DeleteImage):
-            self._spawn(self._delete_image(action.job_id))
+            self._tasks.spawn(self._delete_image(action.job_id))
         return None
 
     async def _run(self, start: Start, written: list[asyncio.Future[GenerationJob]]) -> None:
@@ -597,17 +598,6 @@ class JobRouter:
             await asyncio.to_thread(self._media.delete, image_key(job_id))
         except Exception:
             logger.exception("Could not delete the image of cancelled job %s", job_id)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        # Held in a set: the event loop keeps only weak references to its tasks.
-        task = asyncio.get_event_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_ended)
-
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Router task failed", exc_info=task.exception())
 
     @staticmethod
     def _watch(future: asyncio.Future[Any]) -> None:

@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from scheduling.background import BackgroundTasks
 from scheduling.hold import Backoff, utc
 from scheduling.settings import RouterSettings
 from scheduling.webhooks import (
@@ -105,7 +106,7 @@ class WebhookSender:
         # the event loop's default threads, which carry the router's job writes.
         self._resolver = ThreadPoolExecutor(config.concurrency, thread_name_prefix="seidra-webhooks-dns")
         self._client: httpx.AsyncClient | None = None  # made in the event loop that uses it
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks("Webhook")
 
     # ----- what the router hands over -----
 
@@ -114,13 +115,13 @@ class WebhookSender:
         ended the batch. Returns at once. A job without a key (authentication off) has none: there
         is no secret to sign with."""
         if job.key_id is not None:
-            self._spawn(self._job_ended(job, job.key_id))
+            self._tasks.spawn(self._job_ended(job, job.key_id))
 
     async def run(self) -> None:
         """Take up the pending deliveries a previous router left, then start each attempt when it is
         due and a slot is free; meanwhile, sweep the armed batches."""
-        self._spawn(self._sweep_batches())
-        self._spawn(self._deliver_unstored())
+        self._tasks.spawn(self._sweep_batches())
+        self._tasks.spawn(self._deliver_unstored())
         pending = await self._db(self._store.pending)
         for delivery_id, due in pending:
             self._schedule(delivery_id, self._clock() if due is None else due.timestamp())
@@ -130,7 +131,7 @@ class WebhookSender:
             await self._until_due()
             _, delivery_id = heapq.heappop(self._due)
             await self._slots.acquire()
-            self._spawn(self._attempt_in_slot(delivery_id))
+            self._tasks.spawn(self._attempt_in_slot(delivery_id))
 
     # ----- deliveries made -----
 
@@ -313,17 +314,6 @@ class WebhookSender:
                 logger.warning("Webhooks: database call failed (%s); retrying in %.1f s", type(outage).__name__, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, DATABASE_RETRY_MAX_S)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        # Held in a set: the event loop keeps only weak references to its tasks.
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_ended)
-
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Webhook task failed", exc_info=task.exception())
 
 
 def _addresses_of(host: str, port: int) -> list[tuple[Any, ...]]:

@@ -126,11 +126,7 @@ class WebhookStore(Store):
         """Make an armed delivery pending, due now, with `body`, shown on `job_id`; False when it is
         no longer armed (another job's end fired it first)."""
         with self._write_session() as session:
-            armed = session.exec(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.WAITING.value)
-                .with_for_update()
-            ).first()
+            armed = _locked_delivery(session, delivery_id, DeliveryStatus.WAITING)
             if armed is None:
                 return False
             armed.status, armed.body, armed.job_id = DeliveryStatus.PENDING.value, body, job_id
@@ -146,11 +142,7 @@ class WebhookStore(Store):
         """Apply `changes` (columns) to a delivery still pending, and show it on its job; None, and
         nothing changed, when it is pending no more (superseded) or gone (its job deleted)."""
         with self._write_session() as session:
-            delivery = session.exec(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING.value)
-                .with_for_update()
-            ).first()
+            delivery = _locked_delivery(session, delivery_id, DeliveryStatus.PENDING)
             if delivery is None:
                 return None
             for name, value in changes.items():
@@ -218,6 +210,11 @@ def _armed(owner: str, batch_id: str) -> Any:
         WebhookDelivery.batch_id == batch_id,
         WebhookDelivery.status == DeliveryStatus.WAITING.value,
     )
+
+
+def _locked_delivery(session: Session, delivery_id: uuid.UUID, status: DeliveryStatus) -> WebhookDelivery | None:
+    query = select(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == status.value)
+    return session.exec(query.with_for_update()).first()
 
 
 def _locked_job(session: Session, job_id: uuid.UUID | None) -> GenerationJob | None:
